@@ -1,0 +1,262 @@
+"""Frozen configuration dataclasses and the table of model variants.
+
+The library only takes these dataclasses. Experiment files (ml_collections) are converted once, at
+the entry point, through `from_dict`, which rejects unknown keys by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+  """A configuration value or key is invalid; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of one model. `arch` is 'encdec' (T5) or 'decoder' (decoder-only)."""
+  name: str = 'custom'
+  arch: str = 'encdec'
+  vocab_size: int = 32128
+  d_model: int = 512
+  num_heads: int = 8
+  head_dim: int = 64
+  d_ff: int = 2048
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  ffn_activation: str = 'relu'          # 'relu' (T5 1.0) or 'gated-gelu' (T5 1.1)
+  tie_embeddings: bool = True           # 1.0: logits = h @ E^T * d_model**-0.5
+  position: str = 'relative'            # 'relative' (T5 buckets) or 'rope' (decoder-only)
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  rope_max_wavelength: float = 10_000.0
+  dropout_rate: float = 0.1
+  layer_norm_epsilon: float = 1e-6
+  precision: str = 'f32'                # a name from t5like.precision.POLICIES
+  scan_layers: bool = True
+  remat_policy: str = 'none'            # see t5like.models.layers.REMAT_POLICIES
+  # Cross-layer parameter sharing (ALBERT): layers are split into this many groups of consecutive
+  # layers; each group shares one set of weights. 0 means no sharing.
+  shared_layer_groups: int = 0
+  # Weight quantisation the parameters are stored in: 'none', 'int8', 'int4'; and whether
+  # activations are quantised at run time for integer matmuls ('none', 'dynamic', 'static').
+  weight_quant: str = 'none'
+  weight_quant_group_size: int = 128
+  activation_quant: str = 'none'
+  # Fake quantisation (straight-through estimator) in training: 'none', 'int8', 'int4'.
+  qat: str = 'none'
+  pad_id: int = 0
+  eos_id: int = 1
+  decoder_start_id: int = 0
+
+  def __post_init__(self):
+    _check_choice('model.arch', self.arch, ('encdec', 'decoder'))
+    _check_choice('model.ffn_activation', self.ffn_activation, ('relu', 'gated-gelu', 'gelu', 'swiglu'))
+    _check_choice('model.position', self.position, ('relative', 'rope'))
+    _check_choice('model.weight_quant', self.weight_quant, ('none', 'int8', 'int4'))
+    _check_choice('model.activation_quant', self.activation_quant, ('none', 'dynamic', 'static'))
+    _check_choice('model.qat', self.qat, ('none', 'int8', 'int4'))
+    for f in ('vocab_size', 'd_model', 'num_heads', 'head_dim', 'd_ff'):
+      if getattr(self, f) <= 0:
+        raise ConfigError(f'model.{f} must be positive, got {getattr(self, f)}')
+    if self.arch == 'encdec' and self.num_encoder_layers <= 0:
+      raise ConfigError('model.num_encoder_layers must be positive for arch=encdec')
+    if self.num_decoder_layers <= 0:
+      raise ConfigError('model.num_decoder_layers must be positive')
+    if self.position == 'rope' and self.arch != 'decoder':
+      raise ConfigError("model.position='rope' is only supported for arch='decoder'")
+    if self.position == 'rope' and self.head_dim % 2:
+      raise ConfigError(f'model.head_dim must be even for RoPE, got {self.head_dim}')
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ConfigError(f'model.dropout_rate must be in [0, 1), got {self.dropout_rate}')
+    if self.shared_layer_groups < 0:
+      raise ConfigError('model.shared_layer_groups must be >= 0')
+    for n in ([self.num_encoder_layers] if self.arch == 'encdec' else []) + [self.num_decoder_layers]:
+      if self.shared_layer_groups and n % self.shared_layer_groups:
+        raise ConfigError(f'model.shared_layer_groups={self.shared_layer_groups} must divide the '
+                          f'number of layers ({n})')
+
+  @property
+  def is_encdec(self) -> bool:
+    return self.arch == 'encdec'
+
+  def replace(self, **kw) -> 'ModelConfig':
+    return dataclasses.replace(self, **kw)
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+  if value not in choices:
+    raise ConfigError(f'{name}={value!r} is not valid; choose one of {list(choices)}')
+
+
+_T5_1_0 = dict(ffn_activation='relu', tie_embeddings=True, vocab_size=32128, dropout_rate=0.1)
+_T5_1_1 = dict(ffn_activation='gated-gelu', tie_embeddings=False, vocab_size=32128, dropout_rate=0.0)
+_DEC = dict(arch='decoder', ffn_activation='gated-gelu', tie_embeddings=False, position='rope',
+            num_encoder_layers=0, dropout_rate=0.0, vocab_size=32128)
+
+
+def _row(d_model, num_heads, head_dim, d_ff, layers, **kw):
+  return dict(d_model=d_model, num_heads=num_heads, head_dim=head_dim, d_ff=d_ff,
+              num_encoder_layers=layers, num_decoder_layers=layers, **kw)
+
+
+# One row per published size (T5 paper, Table 14; T5 1.1 release notes).
+VARIANTS: dict[str, dict[str, Any]] = {
+    't5_tiny': _row(64, 4, 16, 128, 2, ffn_activation='relu', tie_embeddings=True, vocab_size=512,
+                    dropout_rate=0.0),
+    't5_1_1_tiny': _row(64, 4, 16, 128, 2, ffn_activation='gated-gelu', tie_embeddings=False,
+                        vocab_size=512, dropout_rate=0.0),
+    't5_small': _row(512, 8, 64, 2048, 6, **_T5_1_0),
+    't5_base': _row(768, 12, 64, 3072, 12, **_T5_1_0),
+    't5_large': _row(1024, 16, 64, 4096, 24, **_T5_1_0),
+    't5_3b': _row(1024, 32, 128, 16384, 24, **_T5_1_0),
+    't5_11b': _row(1024, 128, 128, 65536, 24, **_T5_1_0),
+    't5_1_1_small': _row(512, 6, 64, 1024, 8, **_T5_1_1),
+    't5_1_1_base': _row(768, 12, 64, 2048, 12, **_T5_1_1),
+    't5_1_1_large': _row(1024, 16, 64, 2816, 24, **_T5_1_1),
+    't5_1_1_xl': _row(2048, 32, 64, 5120, 24, **_T5_1_1),
+    't5_1_1_xxl': _row(4096, 64, 64, 10240, 24, **_T5_1_1),
+    'decoder_tiny': dict(d_model=64, num_heads=4, head_dim=16, d_ff=128, num_decoder_layers=2,
+                         **{**_DEC, 'vocab_size': 512}),
+    'decoder_small': dict(d_model=512, num_heads=8, head_dim=64, d_ff=1408, num_decoder_layers=8, **_DEC),
+    'decoder_base': dict(d_model=768, num_heads=12, head_dim=64, d_ff=2048, num_decoder_layers=12,
+                         **_DEC),
+    'decoder_large': dict(d_model=1536, num_heads=16, head_dim=96, d_ff=4096, num_decoder_layers=24,
+                          **_DEC),
+}
+
+
+def get_variant(name: str, **overrides) -> ModelConfig:
+  """The ModelConfig of a named variant, with optional field overrides."""
+  if name not in VARIANTS:
+    raise ConfigError(f'unknown model variant {name!r}; known variants: {sorted(VARIANTS)}')
+  return from_dict(ModelConfig, {**VARIANTS[name], 'name': name, **overrides}, prefix='model')
+
+
+def from_dict(cls, values: Mapping[str, Any], prefix: str = ''):
+  """Builds dataclass `cls` from a mapping, recursing into nested dataclasses.
+
+  Unknown keys are errors that name the key and list the valid ones; values are coerced to the
+  annotated scalar type (an int where a float is expected, a list where a tuple is).
+  """
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for key, value in values.items():
+    where = f'{prefix}.{key}' if prefix else key
+    if key not in fields:
+      raise ConfigError(f'unknown config key {where!r}; valid keys here: {sorted(fields)}')
+    kwargs[key] = _coerce(hints[key], value, where)
+  try:
+    return cls(**kwargs)
+  except TypeError as e:
+    raise ConfigError(f'{prefix or cls.__name__}: {e}') from None
+
+
+def _coerce(hint, value, where):
+  origin = typing.get_origin(hint)
+  if dataclasses.is_dataclass(hint):
+    if isinstance(value, hint):
+      return value
+    if not isinstance(value, Mapping):
+      raise ConfigError(f'{where} must be a mapping, got {type(value).__name__}')
+    return from_dict(hint, value, prefix=where)
+  if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if value is None:
+      return None
+    return _coerce(args[0], value, where) if len(args) == 1 else value
+  if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if origin is tuple:
+    if isinstance(value, str) or not hasattr(value, '__iter__'):
+      raise ConfigError(f'{where} must be a sequence, got {value!r}')
+    return tuple(value)
+  if hint in (int, float, str, bool) and not isinstance(value, hint):
+    raise ConfigError(f'{where} must be {hint.__name__}, got {type(value).__name__} {value!r}')
+  if hint is int and isinstance(value, bool):
+    raise ConfigError(f'{where} must be int, got bool')
+  return value
+
+
+def to_dict(cfg) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Corpus, tokenizer, objective, augmentation and batching (owned by t5like/data)."""
+  corpus: str = 'shakespeare'           # 'shakespeare', a folder of .txt, a .txt file or a .jsonl
+  text_field: str = 'text'              # JSONL field holding the text
+  on_bad_file: str = 'error'            # 'error' or 'skip' for unreadable / undecodable files
+  validation_fraction: float = 0.1
+  split_seed: int = 0
+  tokenizer: str = ''                   # path of an existing spiece.model; '' trains one
+  vocab_size: int = 8000
+  objective: str = 'span_corruption'    # 'span_corruption', 'prefix_lm', 'causal_lm'
+  noise_density: float = 0.15
+  mean_noise_span_length: float = 3.0
+  inputs_length: int = 128
+  targets_length: int = 128
+  pack: bool = True
+  batch_size: int = 32                  # global batch
+  shuffle_seed: int = 0
+  # Augmentation probabilities (training split only).
+  mask_prob: float = 0.0
+  delete_prob: float = 0.0
+  reorder_prob: float = 0.0
+  reorder_window: int = 3
+  swap_prob: float = 0.0
+  drop_function_word_prob: float = 0.0
+  augment_seed: int = 0
+  num_workers: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimizer, schedule and clipping (owned by t5like/optim)."""
+  name: str = 'adamw'
+  learning_rate: float = 1e-3
+  schedule: str = 'cosine'
+  warmup_steps: int = 100
+  decay_steps: int = 0                  # 0: the run's total steps
+  end_lr_fraction: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.01
+  momentum: float = 0.9
+  nesterov: bool = False
+  clip_grad_norm: float = 1.0           # 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh sizes (-1: fill from the device count) and the logical-axis rule preset."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  stage: int = 1
+  rules: str = 'dp'
+  num_microbatches: int = 1             # pipeline microbatches
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One experiment: what to build, what to train it on, how and for how long."""
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  optim: OptimConfig = OptimConfig()
+  mesh: MeshConfig = MeshConfig()
+  num_steps: int = 1000
+  grad_accum_steps: int = 1
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 200
+  eval_batches: int = 8
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+  label_smoothing: float = 0.0
+  z_loss: float = 0.0
