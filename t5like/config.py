@@ -35,7 +35,6 @@ class ModelConfig:
   dropout_rate: float = 0.1
   layer_norm_epsilon: float = 1e-6
   precision: str = 'f32'                # a name from t5like.precision.POLICIES
-  scan_layers: bool = True
   remat_policy: str = 'none'            # see t5like.models.layers.REMAT_POLICIES
   # Cross-layer parameter sharing (ALBERT): layers are split into this many groups of consecutive
   # layers; each group shares one set of weights. 0 means no sharing.
@@ -214,6 +213,10 @@ class DataConfig:
   num_workers: int = 0
 
 
+OPTIMIZER_NAMES = ('sgd', 'adam', 'adamw', 'lars', 'lamb', 'adafactor', 'agd')
+SCHEDULE_NAMES = ('constant', 'linear', 'cosine', 'exponential', 'rsqrt', 'wsd')
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """Optimizer, schedule and clipping (owned by t5like/optim)."""
@@ -230,6 +233,59 @@ class OptimConfig:
   momentum: float = 0.9
   nesterov: bool = False
   clip_grad_norm: float = 1.0           # 0 disables clipping
+  # Decoupled weight decay skips every parameter whose '/'-joined path matches one of these regexes
+  # (re.search): norm scales and T5's relative position bias by default.
+  weight_decay_exclude: tuple[str, ...] = ('norm', 'scale$', 'rel_embedding')
+  mu_dtype: str = ''                    # first-moment dtype: '' (as params), 'float32', 'bfloat16'
+  lars_trust_coefficient: float = 0.001
+  agd_delta: float = 1e-5
+  agd_amsgrad: bool = False
+  agd_clip: float = 0.0                 # 0: no clip of the AGD update
+  adafactor_decay_rate: float = 0.8     # T5's Adafactor settings
+  adafactor_clipping_threshold: float = 1.0
+  adafactor_multiply_by_parameter_scale: bool = True
+  adafactor_factored: bool = True
+  wsd_decay_fraction: float = 0.1       # 'wsd': fraction of the horizon spent decaying
+  # Reduce-on-plateau of the validation loss (t5like.optim.adaptive.observe_validation).
+  plateau: bool = False
+  plateau_factor: float = 0.5
+  plateau_patience: int = 3             # evaluations without improvement before reducing
+  plateau_rtol: float = 1e-4
+  plateau_atol: float = 0.0
+  plateau_cooldown: int = 0
+  plateau_min_scale: float = 0.0
+  # Gradient-norm statistics (EMA mean / variance of the global norm before clipping).
+  grad_stats_decay: float = 0.99
+  grad_lr_scaling: str = 'none'         # 'none', 'cv' (1/(1+s*std/mean)), 'ratio' (mean/norm)
+  grad_lr_strength: float = 1.0
+  grad_lr_min_scale: float = 0.1
+  spike_k: float = 0.0                  # skip updates with norm > mean + k*std; 0 disables
+  spike_min_steps: int = 20             # statistics burn-in before any skip
+
+  def __post_init__(self):
+    _check_choice('optim.name', self.name, OPTIMIZER_NAMES)
+    _check_choice('optim.schedule', self.schedule, SCHEDULE_NAMES)
+    _check_choice('optim.mu_dtype', self.mu_dtype, ('', 'float32', 'bfloat16'))
+    _check_choice('optim.grad_lr_scaling', self.grad_lr_scaling, ('none', 'cv', 'ratio'))
+    for f in ('warmup_steps', 'decay_steps', 'plateau_patience', 'plateau_cooldown',
+              'spike_min_steps'):
+      if getattr(self, f) < 0:
+        raise ConfigError(f'optim.{f} must be >= 0, got {getattr(self, f)}')
+    for f in ('learning_rate', 'weight_decay', 'clip_grad_norm', 'agd_clip', 'spike_k'):
+      if getattr(self, f) < 0:
+        raise ConfigError(f'optim.{f} must be >= 0, got {getattr(self, f)}')
+    for f in ('b1', 'b2', 'momentum', 'grad_stats_decay'):
+      if not 0.0 <= getattr(self, f) < 1.0:
+        raise ConfigError(f'optim.{f} must be in [0, 1), got {getattr(self, f)}')
+    for f in ('end_lr_fraction', 'wsd_decay_fraction', 'grad_lr_min_scale', 'plateau_min_scale'):
+      if not 0.0 <= getattr(self, f) <= 1.0:
+        raise ConfigError(f'optim.{f} must be in [0, 1], got {getattr(self, f)}')
+    if self.plateau and not 0.0 < self.plateau_factor < 1.0:
+      raise ConfigError(f'optim.plateau_factor must be in (0, 1), got {self.plateau_factor}')
+    if isinstance(self.weight_decay_exclude, str):
+      raise ConfigError('optim.weight_decay_exclude must be a sequence of regexes, got the string '
+                        f'{self.weight_decay_exclude!r}; write ({self.weight_decay_exclude!r},)')
+
 
 
 @dataclasses.dataclass(frozen=True)
