@@ -217,6 +217,10 @@ OPTIMIZER_NAMES = ('sgd', 'adam', 'adamw', 'lars', 'lamb', 'adafactor', 'agd')
 SCHEDULE_NAMES = ('constant', 'linear', 'cosine', 'exponential', 'rsqrt', 'wsd')
 
 
+OPTIMIZER_NAMES = ('sgd', 'adam', 'adamw', 'lars', 'lamb', 'adafactor', 'agd')
+SCHEDULE_NAMES = ('constant', 'linear', 'cosine', 'exponential', 'rsqrt', 'wsd')
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """Optimizer, schedule and clipping (owned by t5like/optim)."""
