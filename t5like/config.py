@@ -193,12 +193,14 @@ class DataConfig:
   validation_fraction: float = 0.1
   split_seed: int = 0
   tokenizer: str = ''                   # path of an existing spiece.model; '' trains one
-  vocab_size: int = 8000
+  tokenizer_max_sentences: int = 200_000  # lines sampled (seeded) to train the tokenizer
+  vocab_size: int = 8000                # SentencePiece pieces; the 100 sentinels are appended
   objective: str = 'span_corruption'    # 'span_corruption', 'prefix_lm', 'causal_lm'
   noise_density: float = 0.15
   mean_noise_span_length: float = 3.0
   inputs_length: int = 128
-  targets_length: int = 128
+  targets_length: int = 0               # 0: derived (span corruption: T5's random_spans_helper;
+                                        # LM objectives: inputs_length)
   pack: bool = True
   batch_size: int = 32                  # global batch
   shuffle_seed: int = 0
@@ -207,14 +209,33 @@ class DataConfig:
   delete_prob: float = 0.0
   reorder_prob: float = 0.0
   reorder_window: int = 3
-  swap_prob: float = 0.0
+  swap_prob: float = 0.0                # adjacent words
+  clause_swap_prob: float = 0.0         # adjacent clauses within a sentence
   drop_function_word_prob: float = 0.0
   augment_seed: int = 0
   num_workers: int = 0
 
-
-OPTIMIZER_NAMES = ('sgd', 'adam', 'adamw', 'lars', 'lamb', 'adafactor', 'agd')
-SCHEDULE_NAMES = ('constant', 'linear', 'cosine', 'exponential', 'rsqrt', 'wsd')
+  def __post_init__(self):
+    _check_choice('data.on_bad_file', self.on_bad_file, ('error', 'skip'))
+    _check_choice('data.objective', self.objective, ('span_corruption', 'prefix_lm', 'causal_lm'))
+    if not 0.0 < self.validation_fraction < 1.0:
+      raise ConfigError(f'data.validation_fraction must be in (0, 1), got {self.validation_fraction}')
+    for f in ('inputs_length', 'batch_size', 'tokenizer_max_sentences', 'reorder_window'):
+      if getattr(self, f) <= 0:
+        raise ConfigError(f'data.{f} must be positive, got {getattr(self, f)}')
+    for f in ('targets_length', 'num_workers'):
+      if getattr(self, f) < 0:
+        raise ConfigError(f'data.{f} must be >= 0, got {getattr(self, f)}')
+    if self.vocab_size < 260:
+      raise ConfigError(f'data.vocab_size must be >= 260 (3 specials + 256 byte pieces + 1), '
+                        f'got {self.vocab_size}')
+    if not 0.0 < self.noise_density < 1.0 or self.mean_noise_span_length < 1.0:
+      raise ConfigError('data.noise_density must be in (0, 1) and data.mean_noise_span_length '
+                        f'>= 1, got {self.noise_density}, {self.mean_noise_span_length}')
+    for f in ('mask_prob', 'delete_prob', 'reorder_prob', 'swap_prob', 'clause_swap_prob',
+              'drop_function_word_prob'):
+      if not 0.0 <= getattr(self, f) <= 1.0:
+        raise ConfigError(f'data.{f} must be a probability in [0, 1], got {getattr(self, f)}')
 
 
 OPTIMIZER_NAMES = ('sgd', 'adam', 'adamw', 'lars', 'lamb', 'adafactor', 'agd')

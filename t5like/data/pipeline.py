@@ -1,0 +1,307 @@
+"""The input pipeline: corpus -> tokenizer -> chunks -> augmentation -> objective -> packed batches.
+
+Entry point (what the trainer calls):
+
+  train_iter, eval_batches, tokenizer = make_datasets(data_cfg, model_arch, workdir, seed=0)
+
+- `data_cfg`: `t5like.config.DataConfig`; `model_arch`: 'encdec' or 'decoder' (ModelConfig.arch);
+  `workdir`: the run's folder (the trained tokenizer is cached under `<workdir>/tokenizer/`);
+  `seed`: the run seed, combined with `data_cfg.shuffle_seed` / `augment_seed`.
+- `train_iter`: a `TrainIterator`, infinite over epochs; `next(train_iter)` is this process's share
+  of the global batch (per-process batch = data_cfg.batch_size // jax.process_count(), an error if
+  not divisible) as a dict of numpy arrays. `train_iter.get_state()` is a JSON-able dict and
+  `train_iter.set_state(state)` restores it: a resumed run sees exactly the batches an uninterrupted
+  one would have seen.
+- `eval_batches()`: a fresh, finite, deterministic iterator over the validation split (no
+  augmentation), same dicts; every process gets the same number of batches and the last one is
+  filled with all-padding rows (loss weights 0).
+- `tokenizer`: a `t5like.data.tokenizer.Tokenizer`; the model's embedding size is
+  `tokenizer.model_vocab_size` (a multiple of 128).
+
+Batch keys (T5X names; B = per-process batch, S = encoder length, T = decoder length, from
+`sequence_lengths(data_cfg, model_arch)`), int32 except the float32 loss weights:
+  'encdec':  encoder_input_tokens, encoder_segment_ids, encoder_positions  [B, S];
+             decoder_input_tokens, decoder_target_tokens, decoder_segment_ids, decoder_positions,
+             decoder_loss_weights  [B, T]
+  'decoder': decoder_input_tokens, decoder_target_tokens, decoder_segment_ids, decoder_positions,
+             decoder_loss_weights  [B, T]   (T = inputs_length + targets_length)
+Segment ids are 1, 2, ... per packed example and 0 on padding; positions restart at 0 per segment.
+
+`to_global_batch(batch, mesh, batch_spec=None)` turns the per-process numpy batch into global
+`jax.Array`s sharded over the mesh's ('data', 'fsdp') axes.
+
+With grain: the training chunks are a `grain.MapDataset`, sliced per process
+(`jax.process_index()::jax.process_count()`), shuffled with a per-epoch seed, repeated forever,
+augmented and turned into examples by a seeded `random_map` (seeded per element index, so per
+epoch), read in order (`num_workers` threads when > 0). Packing and batching happen in
+`TrainIterator`, whose state is grain's iterator state at the first example not yet in a batch.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from t5like.data import augment as augment_lib
+from t5like.data import corpus as corpus_lib
+from t5like.data import objectives
+from t5like.data import tokenizer as tokenizer_lib
+
+log = logging.getLogger(__name__)
+
+BATCH_AXES = ('data', 'fsdp')
+_STATE_VERSION = 1
+
+
+class PipelineError(ValueError):
+  """The pipeline cannot be built or restored; the message names the setting or state."""
+
+
+def sequence_lengths(data_cfg, model_arch: str) -> dict[str, int]:
+  """Row lengths: {'encoder': S, 'decoder': T} for 'encdec', {'decoder': T} for 'decoder'."""
+  if model_arch not in objectives.ARCHS:
+    raise PipelineError(f'model arch {model_arch!r} is not valid; choose one of '
+                        f'{list(objectives.ARCHS)}')
+  if data_cfg.objective == 'causal_lm' and model_arch != 'decoder':
+    raise PipelineError("data.objective='causal_lm' needs a decoder-only model (arch 'decoder'); "
+                        "for 'encdec' use 'span_corruption' or 'prefix_lm'")
+  inputs_length = data_cfg.inputs_length
+  targets_length = data_cfg.targets_length
+  if targets_length == 0:
+    if data_cfg.objective == 'span_corruption':
+      targets_length = objectives.random_spans_helper(
+          inputs_length, data_cfg.noise_density, data_cfg.mean_noise_span_length)[1]
+    else:
+      targets_length = inputs_length
+  if model_arch == 'encdec':
+    return {'encoder': inputs_length, 'decoder': targets_length}
+  return {'decoder': inputs_length + targets_length}
+
+
+def make_chunks(docs: Sequence[corpus_lib.Document], tokenizer: tokenizer_lib.Tokenizer,
+                chunk_length: int) -> list[np.ndarray]:
+  """Each document tokenised line by line, concatenated, cut into chunks of `chunk_length` ids."""
+  chunks = []
+  for doc in docs:
+    lines = [l for l in doc.text.splitlines() if l.strip()]
+    if not lines:
+      continue
+    ids = np.concatenate([np.asarray(x, np.int32) for x in tokenizer.encode_batch(lines)])
+    chunks.extend(ids[i:i + chunk_length] for i in range(0, ids.size, chunk_length))
+  return chunks
+
+
+def _derive_seed(*parts: int) -> int:
+  return int(np.random.SeedSequence([int(p) % 2**32 for p in parts]).generate_state(1)[0])
+
+
+class _ExampleFn:
+  """chunk ids (+ rng) -> model features of one example; augments when `augmenter` is given."""
+
+  def __init__(self, data_cfg, model_arch, lengths, chunk_length, tokenizer, augmenter=None):
+    self.data_cfg, self.arch, self.lengths = data_cfg, model_arch, lengths
+    self.chunk_length, self.tokenizer, self.augmenter = chunk_length, tokenizer, augmenter
+
+  def __call__(self, ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    aug = self.augmenter
+    if aug is not None and aug.active:
+      original = ids
+      if aug.text_active:
+        ids = np.asarray(self.tokenizer.encode(aug.augment_text(self.tokenizer.decode(ids), rng)),
+                         np.int32)
+      ids = aug.augment_tokens(ids, rng, self.tokenizer.unk_id)
+      ids = ids[:self.chunk_length]  # augmentation can re-tokenise a few ids longer
+      if ids.size == 0:
+        ids = original
+    cfg = self.data_cfg
+    return objectives.make_example(ids, rng, objective=cfg.objective, arch=self.arch,
+                                   lengths=self.lengths, vocab_size=self.tokenizer.vocab_size,
+                                   eos_id=self.tokenizer.eos_id, noise_density=cfg.noise_density,
+                                   mean_noise_span_length=cfg.mean_noise_span_length)
+
+
+class TrainIterator:
+  """Infinite iterator of packed per-process batches with checkpointable position."""
+
+  def __init__(self, examples: grain.IterDataset, lengths: Mapping[str, int], *, pack: bool,
+               batch_size: int, fingerprint: Mapping[str, Any]):
+    self.lengths = dict(lengths)
+    self.batch_size = batch_size
+    self.pack = pack
+    self._fingerprint = dict(fingerprint)
+    self._examples = examples
+    self._it = iter(examples)
+    self._pending = None          # (grain state before it, example) that did not fit a row
+    self._packer = objectives.Packer(self.lengths, max_segments=None if pack else 1)
+
+  def __iter__(self) -> 'TrainIterator':
+    return self
+
+  def _pull(self):
+    if self._pending is not None:
+      pulled, self._pending = self._pending, None
+      return pulled
+    state = self._it.get_state()
+    return state, next(self._it)
+
+  def _next_row(self) -> dict[str, np.ndarray]:
+    packer = self._packer
+    while True:
+      state, ex = self._pull()
+      if len(packer) and not packer.fits(ex):
+        self._pending = (state, ex)
+        return packer.row()
+      packer.add(ex)
+      if not self.pack:
+        return packer.row()
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return objectives.stack_rows([self._next_row() for _ in range(self.batch_size)])
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-able position: grain's state at the first example not yet in a returned batch."""
+    grain_state = self._pending[0] if self._pending is not None else self._it.get_state()
+    return {'version': _STATE_VERSION, 'grain': grain_state, **self._fingerprint}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if not isinstance(state, Mapping) or state.get('version') != _STATE_VERSION:
+      raise PipelineError(f'data iterator state {state!r} is not a version-{_STATE_VERSION} '
+                          'TrainIterator state')
+    diff = {k: (state.get(k), v) for k, v in self._fingerprint.items() if state.get(k) != v}
+    if diff:
+      raise PipelineError('data iterator state was saved by a different pipeline; mismatched '
+                          f'(saved, now): {diff}. Resume with the same data config and process '
+                          'count, or start a fresh workdir')
+    self._it.set_state(state['grain'])
+    self._pending = None
+    self._packer = objectives.Packer(self.lengths, max_segments=None if self.pack else 1)
+
+
+def _process_shard(process_index, process_count, global_batch):
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  if global_batch % pc:
+    raise PipelineError(f'data.batch_size={global_batch} (the global batch) is not divisible by '
+                        f'the process count {pc}; make it a multiple of {pc}')
+  return pi, pc, global_batch // pc
+
+
+def make_train_iterator(chunks: Sequence[np.ndarray], data_cfg, model_arch: str,
+                        tokenizer: tokenizer_lib.Tokenizer, *, seed: int = 0,
+                        process_index: int | None = None,
+                        process_count: int | None = None) -> TrainIterator:
+  """The training `TrainIterator` over `chunks` (this process's shard, shuffled per epoch)."""
+  lengths = sequence_lengths(data_cfg, model_arch)
+  chunk_length = objectives.chunk_length(data_cfg.objective, model_arch, lengths,
+                                         data_cfg.noise_density, data_cfg.mean_noise_span_length)
+  pi, pc, local_batch = _process_shard(process_index, process_count, data_cfg.batch_size)
+  if len(chunks) < pc:
+    raise PipelineError(f'the training split has {len(chunks)} chunks, fewer than the {pc} '
+                        'processes; use a larger corpus')
+  fn = _ExampleFn(data_cfg, model_arch, lengths, chunk_length, tokenizer,
+                  augment_lib.Augmenter.from_config(data_cfg))
+  ds = grain.MapDataset.source(list(chunks)).slice(slice(pi, None, pc))
+  ds = ds.shuffle(seed=_derive_seed(seed, data_cfg.shuffle_seed, 1)).repeat(None)
+  ds = ds.random_map(fn, seed=_derive_seed(seed, data_cfg.augment_seed, 2))
+  n = data_cfg.num_workers
+  examples = ds.to_iter_dataset(grain.ReadOptions(num_threads=n,
+                                                  prefetch_buffer_size=4 * local_batch if n else 0))
+  fingerprint = {'process_index': pi, 'process_count': pc, 'batch_size': local_batch,
+                 'lengths': dict(lengths), 'num_chunks': len(chunks), 'pack': data_cfg.pack,
+                 'objective': data_cfg.objective}
+  return TrainIterator(examples, lengths, pack=data_cfg.pack, batch_size=local_batch,
+                       fingerprint=fingerprint)
+
+
+def make_eval_batches(chunks: Sequence[np.ndarray], data_cfg, model_arch: str,
+                      tokenizer: tokenizer_lib.Tokenizer, *, seed: int = 0,
+                      process_index: int | None = None,
+                      process_count: int | None = None) -> Callable[[], Iterator[dict]]:
+  """A factory of fresh, finite, deterministic iterators over the evaluation `chunks`."""
+  lengths = sequence_lengths(data_cfg, model_arch)
+  chunk_length = objectives.chunk_length(data_cfg.objective, model_arch, lengths,
+                                         data_cfg.noise_density, data_cfg.mean_noise_span_length)
+  pi, pc, local_batch = _process_shard(process_index, process_count, data_cfg.batch_size)
+  fn = _ExampleFn(data_cfg, model_arch, lengths, chunk_length, tokenizer, augmenter=None)
+  eval_seed = _derive_seed(seed, data_cfg.shuffle_seed, 3)
+  cache: list[dict[str, np.ndarray]] = []
+
+  def rows():
+    if not cache:
+      examples = [fn(c, np.random.default_rng([eval_seed, i])) for i, c in enumerate(chunks)]
+      packed = objectives.pack_examples(examples, lengths, pack=data_cfg.pack)
+      global_batch = data_cfg.batch_size
+      packed += [objectives.empty_row(lengths, model_arch)] * (-len(packed) % global_batch)
+      cache.extend(packed)
+    return cache
+
+  def eval_batches() -> Iterator[dict[str, np.ndarray]]:
+    all_rows = rows()
+    g = data_cfg.batch_size
+    for start in range(0, len(all_rows), g):
+      yield objectives.stack_rows(all_rows[start + pi * local_batch:start + (pi + 1) * local_batch])
+
+  return eval_batches
+
+
+def to_global_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
+                    batch_spec: P | Mapping[str, P] | None = None) -> dict[str, jax.Array]:
+  """Per-process numpy batch -> global jax.Arrays, the batch dim sharded over ('data', 'fsdp').
+
+  `batch_spec`: one PartitionSpec for every key, or a dict of them; default P(('data', 'fsdp')).
+  """
+  missing = [a for a in BATCH_AXES if a not in mesh.axis_names]
+  if missing:
+    raise PipelineError(f'the mesh has axes {mesh.axis_names}; the batch needs axes {BATCH_AXES} '
+                        f'(missing {missing})')
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  out = {}
+  for key, local in batch.items():
+    spec = (batch_spec.get(key, P(BATCH_AXES)) if isinstance(batch_spec, Mapping)
+            else batch_spec or P(BATCH_AXES))
+    local = np.asarray(local)
+    global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+    if global_shape[0] % shards:
+      raise PipelineError(f'global batch {global_shape[0]} of {key!r} is not divisible by the '
+                          f"mesh's data x fsdp = {shards} devices; make data.batch_size a "
+                          f'multiple of {shards}')
+    out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local,
+                                                      global_shape)
+  return out
+
+
+def load_splits(data_cfg) -> tuple[list[corpus_lib.Document], list[corpus_lib.Document]]:
+  """(train, validation) documents of `data_cfg.corpus`."""
+  docs = corpus_lib.load_documents(data_cfg.corpus, text_field=data_cfg.text_field,
+                                   on_bad_file=data_cfg.on_bad_file)
+  return corpus_lib.split_documents(docs, data_cfg.validation_fraction, data_cfg.split_seed)
+
+
+def make_datasets(data_cfg, model_arch: str, workdir: str, *, seed: int = 0,
+                  process_index: int | None = None, process_count: int | None = None
+                  ) -> tuple[TrainIterator, Callable[[], Iterator[dict]],
+                             tokenizer_lib.Tokenizer]:
+  """(train_iter, eval_batches factory, tokenizer); see the module docstring."""
+  lengths = sequence_lengths(data_cfg, model_arch)
+  train_docs, val_docs = load_splits(data_cfg)
+  tok = tokenizer_lib.load_or_train(train_docs, workdir, tokenizer_path=data_cfg.tokenizer,
+                                    vocab_size=data_cfg.vocab_size,
+                                    max_sentences=data_cfg.tokenizer_max_sentences,
+                                    seed=data_cfg.split_seed)
+  chunk_length = objectives.chunk_length(data_cfg.objective, model_arch, lengths,
+                                         data_cfg.noise_density, data_cfg.mean_noise_span_length)
+  train_chunks = make_chunks(train_docs, tok, chunk_length)
+  val_chunks = make_chunks(val_docs, tok, chunk_length)
+  if not val_chunks:
+    raise PipelineError(f'the validation split ({[d.name for d in val_docs]}) has no text')
+  log.info('data: %d train / %d validation documents, %d / %d chunks of <= %d tokens, rows %s',
+           len(train_docs), len(val_docs), len(train_chunks), len(val_chunks), chunk_length,
+           lengths)
+  kw = dict(seed=seed, process_index=process_index, process_count=process_count)
+  train_iter = make_train_iterator(train_chunks, data_cfg, model_arch, tok, **kw)
+  eval_batches = make_eval_batches(val_chunks, data_cfg, model_arch, tok, **kw)
+  return train_iter, eval_batches, tok
