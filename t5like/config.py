@@ -315,13 +315,34 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh sizes (-1: fill from the device count) and the logical-axis rule preset."""
+  """Device mesh (t5like/parallel/mesh.py) and pipeline schedule (t5like/parallel/pipeline.py).
+
+  data / fsdp / tensor / stage are the axis sizes within one slice (ICI); at most one is -1, filled
+  from the devices per slice. dcn_* split the same axes across slices (DCN, multi-slice jobs, as
+  MaxText's ici_* / dcn_*): mesh axis 'data' has data * dcn_data devices, and so on.
+  """
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
   stage: int = 1
-  rules: str = 'dp'
-  num_microbatches: int = 1             # pipeline microbatches
+  dcn_data: int = 1
+  dcn_fsdp: int = 1
+  dcn_tensor: int = 1
+  dcn_stage: int = 1
+  rules: str = 'dp'                     # a preset of t5like.parallel.mesh.RULES
+  num_microbatches: int = 0             # pipeline microbatches; 0: 2 x stages
+  pipeline_repeats: int = 1             # circular pipeline: layer chunks per stage; 1: GPipe
+
+  def __post_init__(self):
+    for f in ('data', 'fsdp', 'tensor', 'stage'):
+      if getattr(self, f) == 0 or getattr(self, f) < -1:
+        raise ConfigError(f'mesh.{f} must be positive or -1 (fill from devices), got {getattr(self, f)}')
+    for f in ('dcn_data', 'dcn_fsdp', 'dcn_tensor', 'dcn_stage', 'pipeline_repeats'):
+      if getattr(self, f) <= 0:
+        raise ConfigError(f'mesh.{f} must be positive, got {getattr(self, f)}')
+    if self.num_microbatches < 0:
+      raise ConfigError(f'mesh.num_microbatches must be >= 0 (0: 2 x stages), got '
+                        f'{self.num_microbatches}')
 
 
 @dataclasses.dataclass(frozen=True)
