@@ -362,3 +362,27 @@ class TrainConfig:
   keep_checkpoints: int = 3
   label_smoothing: float = 0.0
   z_loss: float = 0.0
+  keep_best_checkpoints: int = 1        # also keep this many lowest-validation-loss checkpoints
+  async_checkpointing: bool = True
+  vocab_from_tokenizer: bool = True     # model.vocab_size := the tokenizer's (rounded to 128)
+  num_samples: int = 3                  # sampled continuations printed at the end
+  sample_tokens: int = 32               # new tokens per sampled continuation
+  sample_temperature: float = 0.8
+  sample_top_k: int = 40
+
+  def __post_init__(self):
+    for f in ('num_steps', 'grad_accum_steps', 'log_every', 'eval_every', 'checkpoint_every',
+              'keep_checkpoints', 'sample_tokens'):
+      if getattr(self, f) <= 0:
+        raise ConfigError(f'{f} must be positive, got {getattr(self, f)}')
+    for f in ('eval_batches', 'keep_best_checkpoints', 'num_samples', 'sample_top_k'):
+      if getattr(self, f) < 0:
+        raise ConfigError(f'{f} must be >= 0, got {getattr(self, f)}')
+    if not 0.0 <= self.label_smoothing < 1.0:
+      raise ConfigError(f'label_smoothing must be in [0, 1), got {self.label_smoothing}')
+    if self.z_loss < 0 or self.sample_temperature < 0:
+      raise ConfigError(f'z_loss and sample_temperature must be >= 0, got {self.z_loss}, '
+                        f'{self.sample_temperature}')
+    if self.data.batch_size % self.grad_accum_steps:
+      raise ConfigError(f'grad_accum_steps={self.grad_accum_steps} must divide data.batch_size='
+                        f'{self.data.batch_size}')
