@@ -23,6 +23,7 @@ from t5like.config import ModelConfig
 from t5like.models.attention import Attention, RelativePositionBias, mask_to_bias
 from t5like.models.layers import (MLP, REMAT_POLICIES, Einsum, Embed, RMSNorm, constrain,
                                   policy_of)
+from t5like.parallel import pipeline
 
 FULL, STEP, CROSS_KV = 'full', 'step', 'cross_kv'   # modes of a decoder stack
 
@@ -128,6 +129,10 @@ class LayerStack(nn.Module):
                                                                           'dropout': True},
                       in_axes=(0,) + (nn.broadcast,) * len(broadcast_args), length=G,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
+    piped = pipeline.maybe_pipeline(self, group_cls(cfg, self.layer_cls, R, self.layer_kwargs,
+                                                    parent=None), x, cache, broadcast_args)
+    if piped is not None:   # a pipeline over the mesh's 'stage' axis (t5like/parallel/pipeline.py)
+      return piped, None
     if cache is not None:
       cache = jax.tree.map(lambda c: c.reshape((G, R) + c.shape[1:]), cache)
     x, out = scanned(cfg, self.layer_cls, R, self.layer_kwargs, name='layers')(

@@ -6,6 +6,8 @@ those `out_shardings`, so each device only ever allocates its own shard.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -13,6 +15,9 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ('data', 'fsdp')
+
+# Parameters at least this large that every device holds whole are reported by `find_replicated`.
+REPLICATED_WARN_BYTES = 1 << 20
 
 
 def logical_shardings(boxed_tree, mesh: Mesh, rules) -> Any:
@@ -26,7 +31,7 @@ def sharded_init(fn: Callable, mesh: Mesh, rules, *args):
   abstract = jax.eval_shape(fn, *args)
   shardings = logical_shardings(abstract, mesh, rules)
   unboxed_fn = lambda *a: nn.unbox(fn(*a))
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     out = jax.jit(unboxed_fn, out_shardings=shardings)(*args)
   return out, shardings
 
@@ -41,9 +46,39 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def per_device_bytes(tree) -> int:
-  """Bytes that one device (the first) holds of a tree of sharded arrays."""
+  """Bytes that one device (the first) holds of a tree of sharded arrays (or of ShapeDtypeStructs
+  with shardings)."""
   total = 0
   for x in jax.tree.leaves(tree):
-    shard = x.addressable_shards[0]
-    total += shard.data.size * shard.data.dtype.itemsize
+    shard_shape = x.sharding.shard_shape(x.shape)
+    total += math.prod(shard_shape) * x.dtype.itemsize
   return total
+
+
+def total_bytes(tree) -> int:
+  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def find_replicated(tree, shardings=None, min_bytes: int = REPLICATED_WARN_BYTES,
+                    warn: bool = True) -> list[tuple[str, tuple[int, ...], int]]:
+  """Leaves of at least `min_bytes` that every device holds whole while the mesh has more than one
+  device: [(path, shape, bytes)], largest first; warns with their names when `warn`.
+
+  `tree` holds arrays or ShapeDtypeStructs; `shardings` (same structure) overrides theirs.
+  """
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  shard_leaves = (jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+                  if shardings is not None else [x.sharding for _, x in leaves])
+  found = []
+  for (path, x), sharding in zip(leaves, shard_leaves):
+    nbytes = math.prod(x.shape) * x.dtype.itemsize
+    if (nbytes >= min_bytes and len(sharding.device_set) > 1
+        and sharding.shard_shape(x.shape) == tuple(x.shape)):
+      found.append(('/'.join(str(getattr(k, 'key', k)) for k in path), tuple(x.shape), nbytes))
+  found.sort(key=lambda f: -f[2])
+  if found and warn:
+    listing = ', '.join(f'{n} {s} ({b / 2**20:.1f} MiB)' for n, s, b in found[:10])
+    warnings.warn(f'{len(found)} parameters of >= {min_bytes} bytes are fully replicated on every '
+                  f'device: {listing}; check the mesh.rules preset maps one of their logical axes '
+                  f'to a mesh axis', stacklevel=2)
+  return found
