@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from t5like.config import ConfigError
+
 BATCH_AXES = ('data', 'fsdp')
 
 # Parameters at least this large that every device holds whole are reported by `find_replicated`.
@@ -21,9 +23,40 @@ REPLICATED_WARN_BYTES = 1 << 20
 
 
 def logical_shardings(boxed_tree, mesh: Mesh, rules) -> Any:
-  """NamedSharding for every leaf of a tree holding nn.Partitioned boxes (others replicated)."""
-  specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  """NamedSharding for every leaf of a tree holding nn.Partitioned boxes (others replicated).
+
+  Optimizer states derived from a boxed parameter by a shape-changing map keep the parameter's
+  names (Adafactor's factored row / column statistics, its size-1 placeholders): a box whose names
+  do not match its rank is replicated, and so is a dimension of size 1. Those leaves are small;
+  `find_replicated` reports any that are not. Any other dimension that its mesh axes do not divide
+  is a ConfigError naming the leaf.
+  """
+  sizes = dict(mesh.shape)
+
+  def one(path, x):
+    if not isinstance(x, nn.Partitioned):
+      return NamedSharding(mesh, P())
+    shape = x.value.shape
+    if len(x.names) != len(shape):
+      return NamedSharding(mesh, P())
+    spec = list(nn.logical_to_mesh_axes(x.names, rules))
+    for i, (n, axes) in enumerate(zip(shape, spec)):
+      axes_t = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      k = math.prod(sizes[a] for a in axes_t)
+      if n % k and n == 1:
+        spec[i] = None
+      elif n % k:
+        raise ConfigError(f'{_path_str(path)}: dimension {i} ({x.names[i]!r}, size {n}) is not '
+                          f'divisible by mesh axis {"x".join(axes_t)}={k}; change the mesh sizes '
+                          f'or the mesh.rules preset')
+    return NamedSharding(mesh, P(*spec))
+
+  return jax.tree_util.tree_map_with_path(one, boxed_tree,
+                                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def _path_str(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
 
 
 def sharded_init(fn: Callable, mesh: Mesh, rules, *args):
@@ -74,7 +107,7 @@ def find_replicated(tree, shardings=None, min_bytes: int = REPLICATED_WARN_BYTES
     nbytes = math.prod(x.shape) * x.dtype.itemsize
     if (nbytes >= min_bytes and len(sharding.device_set) > 1
         and sharding.shard_shape(x.shape) == tuple(x.shape)):
-      found.append(('/'.join(str(getattr(k, 'key', k)) for k in path), tuple(x.shape), nbytes))
+      found.append((_path_str(path), tuple(x.shape), nbytes))
   found.sort(key=lambda f: -f[2])
   if found and warn:
     listing = ', '.join(f'{n} {s} ({b / 2**20:.1f} MiB)' for n, s, b in found[:10])
