@@ -67,7 +67,7 @@ def scale_by_agd(b1: float = 0.9, b2: float = 0.999, delta: float = 1e-5, amsgra
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    t = count.astype(jnp.float32)
+    t = count.astype(jnp.result_type(float))   # float64 under x64, else float32
     bc1 = 1.0 - b1 ** t
     bc2 = 1.0 - b2 ** t
     # At t = 1 there is no previous momentum; guard the 0/0 of its bias correction.
