@@ -87,7 +87,7 @@ class Einsum(nn.Module):
     x = policy.cast_to_compute(x)
     if self.cfg.activation_quant != 'none':
       return quantize.dynamic_einsum(self.spec, x, kernel.astype(policy.compute_dtype), self.cfg,
-                                     self.contract_dims)
+                                     self.contract_dims, out_f32=self.out_f32)
     return jnp.einsum(self.spec, x, kernel.astype(policy.compute_dtype),
                       preferred_element_type=jnp.float32 if self.out_f32 else None)
 

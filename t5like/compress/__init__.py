@@ -1,0 +1,1 @@
+"""Compression transforms on parameter pytrees: pruning, sharing, distillation, quantisation."""
