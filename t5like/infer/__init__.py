@@ -1,0 +1,1 @@
+"""Inference: KV-cache decoding, the batched engine, export."""
