@@ -250,7 +250,8 @@ def unit_scores(params, cfg: PruneConfig = PruneConfig()) -> dict[str, jax.Array
   return aggregate_units(params, unit_modules(params, cfg), cfg.norm)
 
 
-def gradient_scores(params, loss_fn: Callable, batches: Iterable, cfg: PruneConfig):
+def gradient_scores(params, loss_fn: Callable, batches: Iterable, cfg: PruneConfig,
+                    grad_fn: Callable | None = None):
   """Gradient-based scores over calibration batches.
 
   'taylor': sum over batches of |w * g_b| (first-order Taylor estimate of the loss change when a
@@ -262,7 +263,7 @@ def gradient_scores(params, loss_fn: Callable, batches: Iterable, cfg: PruneConf
     raise ConfigError(f"gradient_scores needs prune.method 'taylor' or 'snip', got {cfg.method!r}")
   names = prunable(params, cfg)
   modules = unit_modules(params, cfg) if cfg.structured_gradients else None
-  grad_fn = jax.jit(jax.grad(loss_fn))
+  grad_fn = grad_fn or jax.jit(jax.grad(loss_fn))
 
   @jax.jit
   def taylor(params, g):
