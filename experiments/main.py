@@ -1,0 +1,57 @@
+"""Trains a T5-style model: the main job of the README.
+
+  python experiments/main.py [--config=experiments/configs/<file>.py:<arg>] [--config.a.b=value]
+                             [--workdir=runs/<config name>]
+
+The ml_collections config is converted once into `t5like.config.TrainConfig` (unknown keys are an
+error naming the valid ones). A workdir that already has checkpoints is resumed from the latest.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from t5like import config as config_lib  # noqa: E402
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
+                              'shakespeare.py')
+_CONFIG = config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Experiment config file[:arg].',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder; default ./runs/<config name>.')
+
+
+def config_name(flag_value: str) -> str:
+  path, _, arg = flag_value.partition(':')
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return f'{stem}_{arg or "default"}'
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)
+  from t5like.train import loop  # after flag parsing: jax starts here
+  cfg = config_lib.from_dict(config_lib.TrainConfig, _CONFIG.value.to_dict())
+  workdir = _WORKDIR.value or os.path.join('runs', config_name(flags.FLAGS['config'].serialize()
+                                                               .partition('=')[2] or DEFAULT_CONFIG))
+  summary = loop.train(cfg, workdir)
+  print()
+  for prompt, text in summary.get('samples', []):
+    print(f'  prompt: {prompt}\n  model:  {text}\n')
+  if summary.get('final_val_loss') is not None:
+    print(f'validation loss: step 0 {summary["initial_val_loss"]:.4f} -> step '
+          f'{summary["final_step"]} {summary["final_val_loss"]:.4f} '
+          f'(accuracy {summary["final_val_accuracy"]:.3f})')
+  print(f'wall time {summary["wall_s"]:.0f} s')
+  for key in ('workdir', 'config_file', 'checkpoint_dir', 'metrics_file', 'tensorboard_dir', 'plot'):
+    print(f'{key:>16}: {summary[key]}')
+  if summary.get('interrupted'):
+    print(f'interrupted by {summary["interrupted"]} at step {summary["final_step"]}: rerun the same '
+          'command to resume')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,148 @@
+"""Checkpoints: orbax `CheckpointManager` with three items per step.
+
+  <directory>/<step>/state    the TrainState (orbax StandardSave: sharded arrays, tensorstore)
+  <directory>/<step>/data     the data iterator's position (JsonSave)
+  <directory>/<step>/config   the resolved TrainConfig as a dict (JsonSave)
+
+Saves are asynchronous (the arrays are copied off the state before `save` returns, so the next
+step may donate it) and atomic: orbax writes into a temporary folder and renames it when complete,
+so a kill mid-save leaves the previous checkpoints intact and the half-written one invisible.
+Preserved: the last `keep` steps, plus the `keep_best` steps with the lowest validation loss among
+those saved with one.
+
+Restoring checks compatibility before touching arrays: a checkpoint whose saved model config
+differs from the run's is a `CheckpointError` naming the checkpoint and the differing keys; a
+checkpoint that cannot be read (corrupt, incomplete, other shapes) is a `CheckpointError` naming
+it. Nothing is ever written over it: the run stops before its first step.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+VAL_METRIC = 'val_loss'
+ITEMS = ('state', 'data', 'config')
+
+
+class _NoMetricsFilter(logging.Filter):
+  """Drops orbax's warning for saves without a validation loss (most saves, by design)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'did not provide metrics' not in record.getMessage()
+
+
+def _quiet_orbax_metrics_warning() -> None:
+  absl_logger = logging.getLogger('absl')
+  if not any(isinstance(f, _NoMetricsFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(_NoMetricsFilter())
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be used by this run; the message names it and how to proceed."""
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f'{prefix}.{k}' if prefix else k
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, key))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       sections: tuple[str, ...] = ('model',)) -> dict[str, tuple[Any, Any]]:
+  """{dotted key: (saved, current)} for the keys under `sections` whose values differ."""
+  a, b = _flatten(saved), _flatten(current)
+  keys = sorted(k for k in set(a) | set(b) if k.split('.', 1)[0] in sections)
+  return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
+
+
+class Checkpointer:
+  """The run's checkpoint folder (see the module docstring)."""
+
+  def __init__(self, directory: str, *, keep: int = 3, keep_best: int = 1,
+               async_save: bool = True):
+    if keep < 1:
+      raise CheckpointError(f'keep_checkpoints must be >= 1, got {keep}')
+    self.directory = os.path.abspath(directory)
+    _quiet_orbax_metrics_warning()
+    policies = [ocm.LatestN(n=keep)]
+    if keep_best:
+      policies.append(ocm.BestN(get_metric_fn=lambda m: m[VAL_METRIC], reverse=True,
+                                n=keep_best, keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocm.AnyPreservationPolicy(policies),
+        best_fn=lambda m: m[VAL_METRIC], best_mode='min',  # metrics persist across restarts
+        enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state, data_state: Mapping[str, Any], config: Mapping[str, Any],
+           val_loss: float | None = None) -> None:
+    """Starts an async save of step `step`; `wait()` blocks until it is on disk."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave(dict(data_state)),
+                              config=ocp.args.JsonSave(dict(config)))
+    metrics = None if val_loss is None else {VAL_METRIC: float(val_loss)}
+    self.manager.save(step, args=args, metrics=metrics, force=True)
+
+  def read_config(self, step: int) -> dict[str, Any]:
+    """The config saved with `step` (a CheckpointError if it cannot be read)."""
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+      return dict(out['config'])
+    except Exception as e:  # orbax / tensorstore / json errors all mean "unreadable"
+      raise CheckpointError(f'checkpoint {self.path(step)} has no readable config ({type(e).__name__}: '
+                            f'{e}); it is corrupt or was not written by t5like. It was left '
+                            'untouched: move it away to resume from an earlier step, or use '
+                            'another --workdir') from e
+
+  def check_compatible(self, step: int, config: Mapping[str, Any]) -> None:
+    """Raises if the model config saved with `step` differs from `config`'s."""
+    diff = config_differences(self.read_config(step), config)
+    if diff:
+      lines = ', '.join(f'{k}: saved {a!r}, now {b!r}' for k, a, b in
+                        ((k, *v) for k, v in diff.items()))
+      raise CheckpointError(f'checkpoint {self.path(step)} was saved by a different model '
+                            f'({lines}). Resume with the config it was saved with (see '
+                            f'{self.path(step)}/config), or use another --workdir; the checkpoint '
+                            'was left untouched')
+
+  def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(state placed like `abstract_state`'s shardings, data-iterator state, saved config)."""
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
+    try:
+      out = self.manager.restore(step, args=args)
+    except Exception as e:
+      raise CheckpointError(f'checkpoint {self.path(step)} cannot be restored into this run '
+                            f'({type(e).__name__}: {str(e)[:500]}); it is corrupt, incomplete or '
+                            'holds other shapes. It was left untouched: move it away to resume '
+                            'from an earlier step, or use another --workdir') from e
+    return out['state'], dict(out['data']), dict(out['config'])
+
+  def best_step(self) -> int | None:
+    """The preserved step with the lowest validation loss (None if none was saved with one)."""
+    return self.manager.best_step()
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
