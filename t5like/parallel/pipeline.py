@@ -103,8 +103,11 @@ def maybe_pipeline(stack_module: nn.Module, group: nn.Module, x, cache, broadcas
   return run_stack(group, params, x, broadcast_args, s, rng)
 
 
-def _constrain(x, names):
-  return nn.with_logical_constraint(x, tuple(names) + (None,) * (x.ndim - len(names)))
+def _constrain(x, lead: str | None):
+  """Logical constraint on [lead, mb, ..., D]: a leading stage / microbatch axis, then an
+  activation whose first axis is the (micro)batch and whose last is the model dimension."""
+  middle = (None,) * (x.ndim - 3)
+  return nn.with_logical_constraint(x, (lead, 'batch') + middle + ('embed',))
 
 
 def run_stack(group: nn.Module, params, x, broadcast_args: tuple, s: Schedule, rng=None):
@@ -153,7 +156,6 @@ def run_stack(group: nn.Module, params, x, broadcast_args: tuple, s: Schedule, r
 
   stages_fn = jax.vmap(stage_fn, in_axes=(0, 0, 0, args_axes, 0, 0), spmd_axis_name='stage')
   stage_ids = jnp.arange(S)
-  names = ('batch', 'length', 'embed')
 
   def iteration(carry, t):
     state, io = carry
@@ -162,18 +164,18 @@ def run_stack(group: nn.Module, params, x, broadcast_args: tuple, s: Schedule, r
     m, r = kc % M, kc // M
     first = jax.lax.dynamic_index_in_dim(io, t % M, 0, keepdims=True)
     inputs = jnp.where((stage_ids == 0).reshape((S,) + (1,) * (state.ndim - 1)), first, state)
-    inputs = _constrain(inputs, ('layers',) + names)
+    inputs = _constrain(inputs, 'layers')
     args = jax.tree.map(lambda a, ax: a if ax is None else jnp.take(a, m, axis=0),
                         args_M, args_axes)
-    out = _constrain(stages_fn(params_S, r, inputs, args, k, stage_ids), ('layers',) + names)
+    out = _constrain(stages_fn(params_S, r, inputs, args, k, stage_ids), 'layers')
     k_last = t - (S - 1)
     slot = jnp.maximum(k_last, 0) % M
     old = jax.lax.dynamic_index_in_dim(io, slot, 0, keepdims=False)
     io = jax.lax.dynamic_update_index_in_dim(io, jnp.where(k_last >= 0, out[S - 1], old), slot, 0)
     state = jnp.roll(out, 1, axis=0)
-    return (state, _constrain(io, (None,) + names)), None
+    return (state, _constrain(io, None)), None
 
-  io = _constrain(split(x), (None,) + names)
+  io = _constrain(split(x), None)
   state = jnp.zeros((S,) + io.shape[1:], io.dtype)
   (_, io), _ = jax.lax.scan(iteration, (state, io), jnp.arange(s.iterations))
   return io.swapaxes(0, 1).reshape(x.shape)                    # [M, mb] -> [B]
