@@ -1,9 +1,10 @@
 """One training step on 8 fake CPU devices equals one device, for every parallelism layout.
 
+The step is the trainer's `train_step` (t5like/train/step.py), jitted with its explicit shardings.
+
 Loss and gradients (f32) of the same parameters and batch must agree to 1e-5 relative, and each
 device must hold the share of the parameters its mesh promises. Run with -s for the table.
 """
-import functools
 import math
 
 import flax.linen as nn
@@ -13,9 +14,11 @@ import numpy as np
 import optax
 import pytest
 
+from t5like import precision
 from t5like.config import MeshConfig, get_variant
 from t5like.models import transformer
 from t5like.parallel import mesh as mesh_lib, partition
+from t5like.train import state as state_lib, step as step_lib
 
 CFG = get_variant('t5_tiny', num_encoder_layers=4, num_decoder_layers=4)
 B, S, T = 8, 8, 8
@@ -47,25 +50,35 @@ def make_batch(seed=0):
   return {'encoder_input_tokens': enc, 'decoder_input_tokens': dec, 'decoder_target_tokens': tgt}
 
 
-def loss_fn(params, batch):
-  model = transformer.build_model(CFG)
-  logits = model.apply({'params': params}, batch['encoder_input_tokens'],
-                       batch['decoder_input_tokens'])
-  return optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                         batch['decoder_target_tokens']).mean()
-
-
 def boxed_init(rng):
   model = transformer.build_model(CFG)
   return model.init(rng, *transformer.dummy_inputs(CFG))['params']
+
+
+# An "optimizer" that leaves the parameters alone and keeps this step's gradients as its state,
+# so that the trainer's own `train_step` hands back exactly the gradients it computed.
+KEEP_GRADS = optax.GradientTransformation(
+    init=lambda params: jax.tree.map(jnp.zeros_like, params),
+    update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+
+
+def make_state(params):
+  return state_lib.TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                              opt_state=KEEP_GRADS.init(params), rng=jax.random.PRNGKey(1),
+                              loss_scale=precision.make_loss_scale(precision.get_policy('f32')))
+
+
+def run_step(state, batch):
+  return step_lib.train_step(state, batch, model=transformer.build_model(CFG), tx=KEEP_GRADS)
 
 
 @pytest.fixture(scope='module')
 def reference():
   params = jax.jit(lambda r: nn.unbox(boxed_init(r)))(jax.random.key(0))
   batch = make_batch()
-  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, batch)
-  return params, batch, float(loss), grads
+  new_state, metrics = jax.jit(run_step)(make_state(params), batch)
+  # Host copies: the sharded steps donate their inputs, which may alias device 0's buffers.
+  return jax.device_get(params), batch, float(metrics['loss']), jax.device_get(new_state.opt_state)
 
 
 def _rel_err(a, b):
@@ -80,15 +93,25 @@ def test_step_matches_one_device(name, reference):
   mesh = mesh_lib.make_mesh(mesh_cfg)
   rules = mesh_lib.get_rules(mesh_cfg.rules)
   mesh_lib.check_model_fits(CFG, mesh_cfg, mesh, B)
-  shardings = partition.logical_shardings(jax.eval_shape(boxed_init, jax.random.key(0)), mesh, rules)
-  sharded = jax.device_put(params, shardings)
-  sharded_batch = jax.device_put(batch, partition.batch_sharding(mesh))
-  step = jax.jit(jax.value_and_grad(loss_fn), in_shardings=(shardings, partition.batch_sharding(mesh)),
-                 out_shardings=(partition.replicated(mesh), shardings))
+  state_shardings = state_lib.state_shardings(CFG, KEEP_GRADS, mesh, rules)
+  shardings = state_shardings.params
+  state = jax.device_put(make_state(params), state_shardings)
+  batch_shardings = step_lib.batch_shardings(mesh, batch)
+  sharded_batch = jax.device_put(batch, batch_shardings)
+  step = step_lib.jit_train_step(model=transformer.build_model(CFG), tx=KEEP_GRADS,
+                                 state_shardings=state_shardings, batch_shardings=batch_shardings,
+                                 mesh=mesh)
   with mesh_lib.activate(mesh, rules, mesh_cfg):
-    compiled = step.lower(sharded, sharded_batch).compile()
-  loss, grads = compiled(sharded, sharded_batch)
-
+    compiled = step.lower(state, sharded_batch).compile()
+  sharded = state.params
+  per_device = partition.per_device_bytes(sharded)   # before the step donates the state
+  total = partition.total_bytes(sharded)
+  not_split = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(sharded)
+                  if math.prod(x.sharding.shard_shape(x.shape)) * split > math.prod(x.shape))
+  new_state, metrics = compiled(state, sharded_batch)
+  loss, grads = metrics['loss'], new_state.opt_state
+  assert jax.tree.all(jax.tree.map(lambda g, s: g.sharding.is_equivalent_to(s, g.ndim),
+                                   grads, shardings))
   loss_diff = abs(float(loss) - ref_loss)
   errs = jax.tree.map(_rel_err, grads, ref_grads)
   worst = max(jax.tree.leaves(errs))
@@ -99,10 +122,6 @@ def test_step_matches_one_device(name, reference):
     assert 'collective-permute' in compiled.as_text()
 
   # Per-device parameter bytes: at most 1/split of the total, plus the leaves not split that way.
-  total = partition.total_bytes(sharded)
-  per_device = partition.per_device_bytes(sharded)
-  not_split = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(sharded)
-                  if math.prod(x.sharding.shard_shape(x.shape)) * split > math.prod(x.shape))
   assert per_device <= total / split + not_split, (name, per_device, total, not_split)
   assert not_split <= small * total, (name, not_split, total)
   if split == 1:
