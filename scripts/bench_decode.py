@@ -1,0 +1,116 @@
+"""Decoding benchmark: greedy t5_small (random f32 weights), 128 input tokens, exactly 64 new.
+
+  python scripts/bench.py decode [--runs=5] [--compare_torch]
+
+Prints one JSON object: new tokens/s at batch 1 and 8 (median of `runs` after a warm-up), compile
+time, and the batch-1 memory-bandwidth use (decoder + output weight bytes read per token x
+tokens/s / a copy bandwidth measured in the same run). `--compare_torch` also times transformers'
+PyTorch T5 on the same config in the same run, so the ratios come from one run.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5like.config import get_variant
+from t5like.infer import decode
+from t5like.models import init_params
+
+
+def add_args(parser):
+  parser.add_argument('--variant', default='t5_small')
+  parser.add_argument('--input_len', type=int, default=128)
+  parser.add_argument('--new_tokens', type=int, default=64)
+  parser.add_argument('--batches', default='1,8')
+  parser.add_argument('--runs', type=int, default=5)
+  parser.add_argument('--compare_torch', action='store_true')
+
+
+def measure_copy_bandwidth(nbytes: int = 256 << 20, runs: int = 5) -> float:
+  """Bytes/s of a large device-side copy (read + write counted)."""
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  f = jax.jit(lambda a: a * 1.0001)
+  f(x).block_until_ready()
+  times = []
+  for _ in range(runs):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * nbytes / min(times)
+
+
+def decoder_weight_bytes(params) -> int:
+  """Bytes read per generated token: decoder stack, final norm and output layer (or embedding)."""
+  dec = sum(x.nbytes for x in jax.tree.leaves(params['decoder']))
+  out = params['shared_embedding']['embedding'].nbytes if 'lm_head' not in params['decoder'] else 0
+  return dec + out
+
+
+def time_jax(params, cfg, batch, input_len, new_tokens, runs):
+  rng = np.random.default_rng(batch)
+  enc = jnp.asarray(rng.integers(2, cfg.vocab_size, (batch, input_len)), jnp.int32)
+  t = time.perf_counter()
+  lowered = decode.greedy.lower(params, cfg, enc, new_tokens, stop_at_eos=False)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t
+  out = compiled(params, enc)
+  out.tokens.block_until_ready()
+  assert int(out.lengths.min()) == new_tokens, 'benchmark must generate exactly new_tokens'
+  times = []
+  for _ in range(runs):
+    t = time.perf_counter()
+    compiled(params, enc).tokens.block_until_ready()
+    times.append(time.perf_counter() - t)
+  return batch * new_tokens / statistics.median(times), compile_s
+
+
+def time_torch(variant_cfg, batch, input_len, new_tokens, runs):
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  hf_cfg = transformers.T5Config(
+      vocab_size=variant_cfg.vocab_size, d_model=variant_cfg.d_model, d_kv=variant_cfg.head_dim,
+      d_ff=variant_cfg.d_ff, num_layers=variant_cfg.num_encoder_layers,
+      num_decoder_layers=variant_cfg.num_decoder_layers, num_heads=variant_cfg.num_heads,
+      feed_forward_proj=variant_cfg.ffn_activation,
+      tie_word_embeddings=variant_cfg.tie_embeddings, decoder_start_token_id=0)
+  model = transformers.T5ForConditionalGeneration(hf_cfg).eval()
+  enc = torch.randint(2, variant_cfg.vocab_size, (batch, input_len))
+  kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1)
+  with torch.no_grad():
+    model.generate(enc, **kw)
+    times = []
+    for _ in range(runs):
+      t = time.perf_counter()
+      model.generate(enc, **kw)
+      times.append(time.perf_counter() - t)
+  return batch * new_tokens / statistics.median(times)
+
+
+def run(args) -> dict:
+  cfg = get_variant(args.variant)
+  params = init_params(cfg, jax.random.key(0))
+  result = {'benchmark': 'decode', 'variant': args.variant, 'input_len': args.input_len,
+            'new_tokens': args.new_tokens, 'runs': args.runs, 'backend': jax.default_backend(),
+            'compile_s': {}}
+  for b in [int(x) for x in args.batches.split(',')]:
+    tps, compile_s = time_jax(params, cfg, b, args.input_len, args.new_tokens, args.runs)
+    result[f'b{b}_new_tokens_per_s'] = round(tps, 2)
+    result['compile_s'][f'b{b}'] = round(compile_s, 2)
+  bandwidth = measure_copy_bandwidth()
+  weight_bytes = decoder_weight_bytes(params)
+  result['weight_bytes_per_token'] = weight_bytes
+  result['measured_bandwidth_bytes_per_s'] = round(bandwidth)
+  result['bandwidth_bound_b1_tokens_per_s'] = round(bandwidth / weight_bytes, 2)
+  if 'b1_new_tokens_per_s' in result:
+    result['b1_bandwidth_use'] = round(result['b1_new_tokens_per_s'] * weight_bytes / bandwidth, 3)
+  if args.compare_torch:
+    for b in [int(x) for x in args.batches.split(',')]:
+      tps = time_torch(cfg, b, args.input_len, args.new_tokens, max(2, args.runs // 2))
+      result[f'torch_b{b}_new_tokens_per_s'] = round(tps, 2)
+      result[f'speedup_b{b}'] = round(result[f'b{b}_new_tokens_per_s'] / tps, 2)
+  return result
