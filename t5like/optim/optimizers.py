@@ -75,8 +75,9 @@ def make_optimizer(config: OptimConfig, params, total_steps: int) -> optax.Gradi
   """The optimizer of `config` for `params` (arrays, ShapeDtypeStructs or flax-boxed) and a run of
   `total_steps` updates (the schedule's horizon when `config.decay_steps` is 0).
 
-  `params` is only read for its structure today (the mask is a function of the tree); it is part of
-  the signature so that per-parameter choices need no API change. Call `tx.init(params)` as usual;
+  `params` is not read today (the weight-decay mask is a function applied to the tree at
+  `init`/`update`), so None is accepted; it is part of the signature so that per-parameter choices
+  need no API change. Call `tx.init(params)` as usual;
   the result is an `optax.GradientTransformationExtraArgs` when `grad_norm_control` wraps it.
   """
   del params
