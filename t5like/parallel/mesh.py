@@ -87,8 +87,8 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """The mesh of `cfg` over `devices` (default: all). DCN sizes > 1 build a hybrid (multi-slice)
-  mesh with `mesh_utils.create_hybrid_device_mesh`; granules are slices on TPU and processes
-  elsewhere."""
+  mesh with `mesh_utils.create_hybrid_device_mesh`; its granules are the slices (multi-slice
+  TPU) or, where all devices are in one slice, the processes."""
   from jax.experimental import mesh_utils
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(cfg, len(devices))
@@ -96,10 +96,10 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   dcn_shape = tuple(dcn[a] for a in MESH_AXES)
   ici_shape = tuple(sizes[a] // dcn[a] for a in MESH_AXES)
   if math.prod(dcn_shape) > 1:
-    has_slices = hasattr(devices[0], 'slice_index')
+    slices = {getattr(d, 'slice_index', 0) for d in devices}
     try:
       grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices=devices,
-                                                  process_is_granule=not has_slices)
+                                                  process_is_granule=len(slices) == 1)
     except (ValueError, AssertionError) as e:
       raise ConfigError(f'mesh ici {ici_shape} x dcn {dcn_shape} (axes {MESH_AXES}) does not fit '
                         f'the {len(devices)} devices as slices/processes: {e}') from None
