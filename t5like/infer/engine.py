@@ -1,0 +1,372 @@
+"""A continuous-batching decode engine with fixed slots (JetStream's prefill / insert / generate).
+
+The engine holds one preallocated KV cache of `num_slots` rows. A request is prefilled alone at
+the smallest prompt-length bucket that fits (for encoder-decoder models that runs the encoder and
+caches the cross-attention K/V), inserted into a free row, and then advances one token per
+`generate` step together with every other live row. One thread owns the device loop and admits
+new requests between steps, so a long generation never blocks short ones. All shapes (each
+bucket's prefill, insert, generate) are compiled by `warmup()` before the engine reports ready.
+
+Shape letters: R slot rows, P prompt bucket, S source / cache length, V vocab.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import queue
+import threading
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5like.config import ModelConfig
+from t5like.infer.decode import prompt_lengths
+from t5like.models import build_model, init_cache
+
+
+class EngineError(RuntimeError):
+  pass
+
+
+class QueueFull(EngineError):
+  """The waiting queue is at capacity; retry later."""
+
+
+class RequestTooLong(ValueError):
+  pass
+
+
+@dataclasses.dataclass
+class SamplingParams:
+  max_tokens: int = 16
+  temperature: float = 1.0        # 0: greedy
+  top_k: int = 0                  # 0: off
+  top_p: float = 1.0              # 1: off
+  seed: int | None = None
+  stop_token_ids: tuple[int, ...] = ()
+
+
+_ids = itertools.count()
+
+
+@dataclasses.dataclass
+class Request:
+  """One generation. Events reach `on_event(kind, value)` from the engine thread:
+  ('token', id) for each new token, then ('finish', reason) with reason 'stop', 'length',
+  'abort', 'timeout' or 'error: ...'."""
+  prompt_ids: Sequence[int]
+  params: SamplingParams
+  on_event: Callable[[str, object], None]
+  timeout_s: float | None = None
+  id: int = dataclasses.field(default_factory=lambda: next(_ids))
+  submitted_at: float = dataclasses.field(default_factory=time.monotonic)
+  started_at: float | None = None       # prefilled into a slot
+  first_token_at: float | None = None
+  finished_at: float | None = None
+  output_ids: list = dataclasses.field(default_factory=list)
+  finish_reason: str | None = None
+  cancelled: bool = False
+
+
+def _insert_row(slot_tree, row_tree, slot):
+  """Writes a one-row cache into row `slot` (K/V leaves keep the batch on axis 1)."""
+  def put(dst, src):
+    axis = 1 if dst.ndim == 5 else 0
+    if src.shape[axis + 1:] != dst.shape[axis + 1:] and dst.ndim >= 2:
+      # Encoder K/V and mask of a shorter bucket: pad the source length with masked zeros.
+      pad = [(0, 0)] * src.ndim
+      pad[axis + 1] = (0, dst.shape[axis + 1] - src.shape[axis + 1])
+      src = jnp.pad(src, pad)
+    return jax.lax.dynamic_update_slice_in_dim(dst, src.astype(dst.dtype), slot, axis=axis)
+  return jax.tree.map(put, slot_tree, row_tree)
+
+
+def sample_rows(logits_RV, temperature_R, top_k_R, top_p_R, keys_R):
+  """Per-row temperature / top-k / top-p sampling; rows with temperature <= 0 are greedy."""
+  greedy_R = jnp.argmax(logits_RV, axis=-1).astype(jnp.int32)
+
+  def draw(_):
+    V = logits_RV.shape[-1]
+    scaled = logits_RV / jnp.maximum(temperature_R, 1e-6)[:, None]
+    sorted_RV = jnp.sort(scaled, axis=-1)[:, ::-1]
+    probs_RV = jax.nn.softmax(sorted_RV, axis=-1)
+    rank_V = jnp.arange(V)
+    k_R = jnp.where(top_k_R > 0, top_k_R, V)
+    keep_RV = (rank_V[None] < k_R[:, None]) & ((jnp.cumsum(probs_RV, -1) - probs_RV) < top_p_R[:, None])
+    cutoff_R1 = jnp.min(jnp.where(keep_RV, sorted_RV, jnp.inf), axis=-1, keepdims=True)
+    filtered = jnp.where(scaled < cutoff_R1, -jnp.inf, scaled)
+    drawn = jax.vmap(jax.random.categorical)(keys_R, filtered).astype(jnp.int32)
+    return jnp.where(temperature_R <= 0, greedy_R, drawn)
+
+  return jax.lax.cond(jnp.all(temperature_R <= 0), lambda _: greedy_R, draw, None)
+
+
+class Engine:
+  """Serves one model. `submit` is thread-safe; `start` launches the device thread."""
+
+  def __init__(self, params, cfg: ModelConfig, *, num_slots: int = 8,
+               prompt_buckets: Sequence[int] = (32, 64, 128, 256), max_new_tokens: int = 128,
+               max_queue: int = 64, name: str = 'model'):
+    if num_slots <= 0 or max_new_tokens <= 0 or max_queue <= 0:
+      raise ValueError('num_slots, max_new_tokens and max_queue must be positive')
+    self.cfg, self.params, self.name = cfg, params, name
+    self.num_slots, self.max_new_tokens = num_slots, max_new_tokens
+    self.buckets = tuple(sorted(prompt_buckets))
+    self.max_prompt_len = self.buckets[-1]
+    self._model = build_model(cfg)
+    self._waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+    self._slots: list[Request | None] = [None] * num_slots
+    self._lock = threading.Lock()
+    self._wake = threading.Event()
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+    self.ready = False
+    self._draining = False
+    self.steps = 0
+    self.last_error: str | None = None
+    if cfg.is_encdec:
+      self._cache = init_cache(cfg, num_slots, max_new_tokens + 1, self.max_prompt_len)
+    else:
+      self._cache = init_cache(cfg, num_slots, self.max_prompt_len + max_new_tokens + 1)
+    R = num_slots
+    self._tokens = np.zeros((R,), np.int32)
+    self._temp = np.zeros((R,), np.float32)
+    self._top_k = np.zeros((R,), np.int32)
+    self._top_p = np.ones((R,), np.float32)
+    self._keys = np.zeros((R, 2), np.uint32)
+    self._pos = np.zeros((R,), np.int32)
+    self._prefill = jax.jit(self._prefill_impl)
+    self._insert = jax.jit(_insert_row, donate_argnums=(0,))
+    self._generate = jax.jit(self._generate_impl, donate_argnums=(1,))
+
+  # ---- device functions -------------------------------------------------------------------------
+  def _prefill_impl(self, params, tokens_1P, temperature, top_k, top_p, key):
+    cfg, model = self.cfg, self._model
+    if cfg.is_encdec:
+      row = init_cache(cfg, 1, self.max_new_tokens + 1, tokens_1P.shape[1])
+      row = model.apply({'params': params}, tokens_1P, row, method='prefill')
+      start = jnp.full((1, 1), cfg.decoder_start_id, jnp.int32)
+      logits, row = model.apply({'params': params}, start, row, method='decode_step')
+      logits_V = logits[0, 0]
+    else:
+      length = prompt_lengths(tokens_1P)
+      row = init_cache(cfg, 1, self.max_prompt_len + self.max_new_tokens + 1)
+      logits, row = model.apply({'params': params}, tokens_1P, row, method='decode_step')
+      logits_V = logits[0, length[0] - 1]
+      row = dict(row, index=length)
+    tok = sample_rows(logits_V[None], temperature[None], top_k[None], top_p[None], key[None])
+    return row, tok[0]
+
+  def _generate_impl(self, params, cache, tokens_R, temp_R, top_k_R, top_p_R, keys_R2, pos_R,
+                     active_R):
+    logits, new_cache = self._model.apply({'params': params}, tokens_R[:, None], cache,
+                                          method='decode_step')
+    # Idle rows keep their index so they never run past the cache.
+    new_cache['index'] = jnp.where(active_R, new_cache['index'], cache['index'])
+    keys = jax.vmap(jax.random.fold_in)(keys_R2, pos_R)
+    return sample_rows(logits[:, 0], temp_R, top_k_R, top_p_R, keys), new_cache
+
+  # ---- host side -------------------------------------------------------------------------------
+  def bucket_for(self, length: int) -> int:
+    for b in self.buckets:
+      if length <= b:
+        return b
+    raise RequestTooLong(f'prompt has {length} tokens; the longest this model accepts is '
+                         f'{self.max_prompt_len}')
+
+  def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+    if len(prompt_ids) == 0:
+      raise ValueError('prompt is empty')
+    self.bucket_for(len(prompt_ids))
+    bad = [t for t in prompt_ids if not 0 <= int(t) < self.cfg.vocab_size]
+    if bad:
+      raise ValueError(f'prompt token ids out of range [0, {self.cfg.vocab_size}): {bad[:5]}')
+    if not 1 <= params.max_tokens <= self.max_new_tokens:
+      raise ValueError(f'max_tokens must be in [1, {self.max_new_tokens}], got {params.max_tokens}')
+    if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
+      raise ValueError('need temperature >= 0, 0 < top_p <= 1 and top_k >= 0')
+
+  def submit(self, request: Request) -> None:
+    self.validate(request.prompt_ids, request.params)
+    if self._stop.is_set() or self._draining:
+      raise EngineError(f'engine for {self.name!r} is shutting down')
+    try:
+      self._waiting.put_nowait(request)
+    except queue.Full:
+      raise QueueFull(f'queue of {self.name!r} is full ({self._waiting.maxsize} waiting)') from None
+    self._wake.set()
+
+  def cancel(self, request: Request) -> None:
+    request.cancelled = True
+    self._wake.set()
+
+  def _key_for(self, request: Request) -> np.ndarray:
+    seed = request.params.seed if request.params.seed is not None else request.id + 1
+    return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
+
+  def _sampling_arrays(self, p: SamplingParams):
+    return (np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p))
+
+  def warmup(self) -> None:
+    """Compiles every prefill bucket, the insert of each, and the generate step."""
+    temp, top_k, top_p = self._sampling_arrays(SamplingParams(temperature=1.0))
+    key = np.zeros((2,), np.uint32)
+    for b in self.buckets:
+      row, _ = self._prefill(self.params, np.ones((1, b), np.int32), temp, top_k, top_p, key)
+      self._cache = self._insert(self._cache, row, 0)
+    for t in (0.0, 1.0):   # both branches of the sampler
+      self._temp[:] = t
+      toks, self._cache = self._generate(self.params, self._cache, self._tokens, self._temp,
+                                         self._top_k, self._top_p, self._keys, self._pos,
+                                         np.zeros((self.num_slots,), bool))
+      np.asarray(toks)
+    self._cache = jax.tree.map(jnp.zeros_like, self._cache)
+    self.ready = True
+
+  def start(self) -> None:
+    if not self.ready:
+      self.warmup()
+    self._thread = threading.Thread(target=self._run, name=f'engine-{self.name}', daemon=True)
+    self._thread.start()
+
+  @property
+  def alive(self) -> bool:
+    return self._thread is not None and self._thread.is_alive()
+
+  def stats(self) -> dict:
+    with self._lock:
+      live = [r for r in self._slots if r is not None]
+    cap = self._cache['self_k'].shape[2] * self.num_slots
+    used = sum(len(r.prompt_ids) * (not self.cfg.is_encdec) + len(r.output_ids) for r in live)
+    return {'running': len(live), 'waiting': self._waiting.qsize(), 'slots_in_use': len(live),
+            'num_slots': self.num_slots, 'kv_cache_usage': used / cap, 'steps': self.steps}
+
+  def _emit(self, req: Request, kind: str, value) -> None:
+    try:
+      req.on_event(kind, value)
+    except Exception:  # a broken consumer must not stop the device loop
+      req.cancelled = True
+
+  def _finish(self, slot: int | None, req: Request, reason: str) -> None:
+    req.finish_reason = reason
+    req.finished_at = time.monotonic()
+    if slot is not None:
+      with self._lock:
+        self._slots[slot] = None
+    self._emit(req, 'finish', reason)
+
+  def _admit(self, slot: int, req: Request) -> None:
+    ids = np.zeros((1, self.bucket_for(len(req.prompt_ids))), np.int32)
+    ids[0, :len(req.prompt_ids)] = req.prompt_ids
+    temp, top_k, top_p = self._sampling_arrays(req.params)
+    key = self._key_for(req)
+    req.started_at = time.monotonic()
+    row, tok = self._prefill(self.params, ids, temp, top_k, top_p, key)
+    self._cache = self._insert(self._cache, row, slot)
+    with self._lock:
+      self._slots[slot] = req
+    self._temp[slot], self._top_k[slot], self._top_p[slot] = temp, top_k, top_p
+    self._keys[slot] = key
+    self._pos[slot] = 1
+    self._accept(slot, req, int(tok))
+
+  def _accept(self, slot: int, req: Request, tok: int) -> None:
+    """Records a sampled token and decides whether the request goes on."""
+    now = time.monotonic()
+    if req.first_token_at is None:
+      req.first_token_at = now
+    if tok == self.cfg.eos_id or tok in req.params.stop_token_ids:
+      self._finish(slot, req, 'stop')
+      return
+    req.output_ids.append(tok)
+    self._emit(req, 'token', tok)
+    self._tokens[slot] = tok
+    if len(req.output_ids) >= req.params.max_tokens:
+      self._finish(slot, req, 'length')
+
+  def _reap(self) -> None:
+    """Ends cancelled and timed-out requests, in slots and in the queue."""
+    now = time.monotonic()
+    for slot, req in enumerate(list(self._slots)):
+      if req is None:
+        continue
+      if req.cancelled:
+        self._finish(slot, req, 'abort')
+      elif req.timeout_s is not None and now - req.submitted_at > req.timeout_s:
+        self._finish(slot, req, 'timeout')
+
+  def _run(self) -> None:
+    while not self._stop.is_set():
+      try:
+        self._reap()
+        for slot in range(self.num_slots):
+          if self._slots[slot] is not None:
+            continue
+          try:
+            req = self._waiting.get_nowait()
+          except queue.Empty:
+            break
+          if req.cancelled:
+            self._finish(None, req, 'abort')
+            continue
+          if req.timeout_s is not None and time.monotonic() - req.submitted_at > req.timeout_s:
+            self._finish(None, req, 'timeout')
+            continue
+          try:
+            self._admit(slot, req)
+          except Exception as e:  # one bad request must not take the engine down
+            self.last_error = repr(e)
+            self._finish(slot if self._slots[slot] is req else None, req, f'error: {e}')
+        active = np.array([r is not None for r in self._slots])
+        if not active.any():
+          self._wake.wait(0.05)
+          self._wake.clear()
+          continue
+        toks, self._cache = self._generate(self.params, self._cache, self._tokens, self._temp,
+                                           self._top_k, self._top_p, self._keys, self._pos, active)
+        toks = np.asarray(toks)
+        self.steps += 1
+        for slot in np.nonzero(active)[0]:
+          req = self._slots[slot]
+          if req is not None:
+            self._pos[slot] += 1
+            self._accept(int(slot), req, int(toks[slot]))
+      except Exception as e:  # keep serving; record what broke for /health and logs
+        self.last_error = repr(e)
+        for slot, req in enumerate(list(self._slots)):
+          if req is not None:
+            self._finish(slot, req, f'error: {e}')
+        time.sleep(0.01)
+
+  def shutdown(self, drain_timeout_s: float = 10.0) -> None:
+    """Stops admitting, lets running and queued requests finish up to the timeout, aborts the
+    rest (finish reason 'abort'), then stops the device thread."""
+    deadline = time.monotonic() + drain_timeout_s
+    self._draining = True
+    while time.monotonic() < deadline and (any(self._slots) or not self._waiting.empty()):
+      time.sleep(0.01)
+    self._stop.set()
+    self._wake.set()
+    if self._thread is not None:
+      self._thread.join(timeout=30)
+    for slot, req in enumerate(list(self._slots)):
+      if req is not None:
+        self._finish(slot, req, 'abort')
+    while True:
+      try:
+        self._finish(None, self._waiting.get_nowait(), 'abort')
+      except queue.Empty:
+        break
+    self.ready = False
+
+  def close(self) -> None:
+    """Shuts down and frees device memory held by params and cache."""
+    if self.alive:
+      self.shutdown(drain_timeout_s=0)
+    for x in jax.tree.leaves((self.params, self._cache)):
+      if isinstance(x, jax.Array) and not x.is_deleted():
+        x.delete()
+    self.params = self._cache = None
