@@ -32,7 +32,8 @@ GiB = 1 << 30
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--variant', required=True, help='a row of t5like.config.VARIANTS')
-  p.add_argument('--mesh', default='', help="MeshConfig fields, e.g. 'fsdp=32,tensor=8,rules=fsdp_tp'")
+  p.add_argument('--mesh', default='',
+                 help="MeshConfig fields, e.g. 'fsdp=32,tensor=8,rules=fsdp_tp'")
   p.add_argument('--devices', type=int, default=8, help='fake devices (--target=fake)')
   p.add_argument('--target', choices=('fake', 'real'), default='fake')
   p.add_argument('--batch_size', type=int, default=128, help='global batch')
@@ -70,7 +71,7 @@ def main(argv=None) -> dict:
                                f' --xla_force_host_platform_device_count={args.devices}').strip()
     os.environ['JAX_PLATFORMS'] = 'cpu'
   import jax
-  if 'jax' in sys.modules and args.target == 'fake' and jax.device_count() != args.devices:
+  if args.target == 'fake' and jax.device_count() != args.devices:
     raise SystemExit(f'jax was imported before XLA_FLAGS could be set: {jax.device_count()} '
                      f'devices, not --devices={args.devices}; run this script as a fresh process')
   import jax.numpy as jnp
@@ -87,7 +88,8 @@ def main(argv=None) -> dict:
   rules = mesh_lib.get_rules(mesh_cfg.rules)
   mesh_lib.check_model_fits(model_cfg, mesh_cfg, mesh, args.batch_size)
   model = transformer.build_model(model_cfg)
-  tx = optimizers.make_optimizer(config_lib.OptimConfig(name=args.optimizer), None, total_steps=1000)
+  tx = optimizers.make_optimizer(config_lib.OptimConfig(name=args.optimizer), None,
+                                 total_steps=1000)
 
   abstract_state, state_shardings = state_lib.abstract_train_state(model_cfg, tx, mesh, rules)
   B, S, T = args.batch_size, args.inputs_length, args.targets_length
@@ -138,7 +140,8 @@ def main(argv=None) -> dict:
       # tokens is the usual whole-step estimate (without attention scores or rematerialisation).
       'flops_6nd_estimate': _six_nd(model_cfg, params, B, S, T),
       'lower_seconds': round(t1 - t0, 2), 'compile_seconds': round(t2 - t1, 2),
-      'replicated_params_over_1mib': [{'name': a, 'shape': s, 'bytes': b} for a, s, b in replicated],
+      'replicated_params_over_1mib': [{'name': a, 'shape': s, 'bytes': b}
+                                      for a, s, b in replicated],
   }
   if mesh.shape['stage'] > 1:
     from t5like.parallel import pipeline

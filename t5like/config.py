@@ -336,7 +336,8 @@ class MeshConfig:
   def __post_init__(self):
     for f in ('data', 'fsdp', 'tensor', 'stage'):
       if getattr(self, f) == 0 or getattr(self, f) < -1:
-        raise ConfigError(f'mesh.{f} must be positive or -1 (fill from devices), got {getattr(self, f)}')
+        raise ConfigError(f'mesh.{f} must be positive or -1 (fill from devices), got '
+                          f'{getattr(self, f)}')
     for f in ('dcn_data', 'dcn_fsdp', 'dcn_tensor', 'dcn_stage', 'pipeline_repeats'):
       if getattr(self, f) <= 0:
         raise ConfigError(f'mesh.{f} must be positive, got {getattr(self, f)}')

@@ -59,7 +59,7 @@ def _ici_dcn(cfg: MeshConfig) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
-  """Total axis sizes (ICI x DCN) with at most one -1 filled so that they multiply to the devices."""
+  """Total axis sizes (ICI x DCN), at most one -1 filled so that they multiply to the devices."""
   ici, dcn = _ici_dcn(cfg)
   num_slices = math.prod(dcn.values())
   if num_devices % num_slices:

@@ -33,7 +33,8 @@ MESHES = {
     'tp2xdp4': (MeshConfig(data=4, tensor=2, rules='tp'), 2, 0.01),
     'fsdp2xtp2xdp2': (MeshConfig(data=2, fsdp=2, tensor=2, rules='fsdp_tp'), 4, 0.01),
     'pp2xdp4': (MeshConfig(data=4, stage=2, rules='pp_dp', num_microbatches=2), 2, 0.10),
-    'pp4xtp2': (MeshConfig(data=1, tensor=2, stage=4, rules='pp_tp', num_microbatches=4), 8, 0.10),
+    'pp4xtp2': (MeshConfig(data=1, tensor=2, stage=4, rules='pp_tp', num_microbatches=4), 8,
+                0.10),
     # Circular: 2 stages x 2 repeats, one layer per chunk.
     'pp2xtp2xdp2_circular': (MeshConfig(data=2, tensor=2, stage=2, rules='pp_tp', num_microbatches=2,
                                         pipeline_repeats=2), 4, 0.10),

@@ -47,7 +47,8 @@ def test_hybrid_mesh_needs_slices_or_processes():
 def test_model_dimension_not_divisible_is_named():
   mesh_cfg = MeshConfig(data=1, tensor=8, rules='tp')
   mesh = mesh_lib.make_mesh(mesh_cfg)
-  with pytest.raises(ConfigError, match=r'model.num_heads=4 is not divisible by mesh axis tensor=8'):
+  with pytest.raises(ConfigError,
+                     match=r'model.num_heads=4 is not divisible by mesh axis tensor=8'):
     mesh_lib.check_model_fits(get_variant('t5_tiny'), mesh_cfg, mesh)
   pp = MeshConfig(data=2, stage=4, rules='pp_dp')
   with pytest.raises(ConfigError, match=r'num_encoder_layers=2 .* not divisible by mesh.stage x '
@@ -88,7 +89,8 @@ def test_logits_sharded_only_under_activate():
   mesh = mesh_lib.make_mesh(mesh_cfg)
   rules = mesh_lib.get_rules('fsdp')
   model = transformer.build_model(cfg)
-  params = transformer.init_params(cfg, jax.random.key(0))
+  params = jax.jit(lambda r: nn.unbox(model.init(r, *transformer.dummy_inputs(cfg))['params']))(
+      jax.random.key(0))
   tokens = jnp.ones((8, 4), jnp.int32)
   fwd = jax.jit(lambda p, t: model.apply({'params': p}, t, t))
   with mesh_lib.activate(mesh, rules, mesh_cfg):
