@@ -11,9 +11,9 @@ Shape letters: R slot rows, P prompt bucket, S source / cache length, V vocab.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
-import queue
 import threading
 import time
 from typing import Callable, Sequence
@@ -117,7 +117,8 @@ class Engine:
     self.buckets = tuple(sorted(prompt_buckets))
     self.max_prompt_len = self.buckets[-1]
     self._model = build_model(cfg)
-    self._waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+    self.max_queue = max_queue
+    self._waiting: collections.deque[Request] = collections.deque()   # guarded by _lock
     self._slots: list[Request | None] = [None] * num_slots
     self._lock = threading.Lock()
     self._wake = threading.Event()
@@ -131,6 +132,7 @@ class Engine:
       self._cache = init_cache(cfg, num_slots, max_new_tokens + 1, self.max_prompt_len)
     else:
       self._cache = init_cache(cfg, num_slots, self.max_prompt_len + max_new_tokens + 1)
+    self._cache_len = int(self._cache['self_k'].shape[2])
     R = num_slots
     self._tokens = np.zeros((R,), np.int32)
     self._temp = np.zeros((R,), np.float32)
@@ -191,12 +193,12 @@ class Engine:
 
   def submit(self, request: Request) -> None:
     self.validate(request.prompt_ids, request.params)
-    if self._stop.is_set() or self._draining:
-      raise EngineError(f'engine for {self.name!r} is shutting down')
-    try:
-      self._waiting.put_nowait(request)
-    except queue.Full:
-      raise QueueFull(f'queue of {self.name!r} is full ({self._waiting.maxsize} waiting)') from None
+    with self._lock:
+      if self._stop.is_set() or self._draining:
+        raise EngineError(f'engine for {self.name!r} is shutting down')
+      if len(self._waiting) >= self.max_queue:
+        raise QueueFull(f'queue of {self.name!r} is full ({self.max_queue} waiting)')
+      self._waiting.append(request)
     self._wake.set()
 
   def cancel(self, request: Request) -> None:
@@ -239,9 +241,10 @@ class Engine:
   def stats(self) -> dict:
     with self._lock:
       live = [r for r in self._slots if r is not None]
-    cap = self._cache['self_k'].shape[2] * self.num_slots
+    cap = self._cache_len * self.num_slots
     used = sum(len(r.prompt_ids) * (not self.cfg.is_encdec) + len(r.output_ids) for r in live)
-    return {'running': len(live), 'waiting': self._waiting.qsize(), 'slots_in_use': len(live),
+      waiting = len(self._waiting)
+    return {'running': len(live), 'waiting': waiting, 'slots_in_use': len(live),
             'num_slots': self.num_slots, 'kv_cache_usage': used / cap, 'steps': self.steps}
 
   def _emit(self, req: Request, kind: str, value) -> None:
@@ -287,6 +290,10 @@ class Engine:
     if len(req.output_ids) >= req.params.max_tokens:
       self._finish(slot, req, 'length')
 
+  @staticmethod
+  def _expired(req: Request, now: float) -> bool:
+    return req.timeout_s is not None and now - req.submitted_at > req.timeout_s
+
   def _reap(self) -> None:
     """Ends cancelled and timed-out requests, in slots and in the queue."""
     now = time.monotonic()
@@ -295,8 +302,18 @@ class Engine:
         continue
       if req.cancelled:
         self._finish(slot, req, 'abort')
-      elif req.timeout_s is not None and now - req.submitted_at > req.timeout_s:
+      elif self._expired(req, now):
         self._finish(slot, req, 'timeout')
+    with self._lock:
+      gone = [r for r in self._waiting if r.cancelled or self._expired(r, now)]
+      for r in gone:
+        self._waiting.remove(r)
+    for r in gone:
+      self._finish(None, r, 'abort' if r.cancelled else 'timeout')
+
+  def _next_waiting(self) -> Request | None:
+    with self._lock:
+      return self._waiting.popleft() if self._waiting else None
 
   def _run(self) -> None:
     while not self._stop.is_set():
@@ -305,16 +322,9 @@ class Engine:
         for slot in range(self.num_slots):
           if self._slots[slot] is not None:
             continue
-          try:
-            req = self._waiting.get_nowait()
-          except queue.Empty:
+          req = self._next_waiting()
+          if req is None:
             break
-          if req.cancelled:
-            self._finish(None, req, 'abort')
-            continue
-          if req.timeout_s is not None and time.monotonic() - req.submitted_at > req.timeout_s:
-            self._finish(None, req, 'timeout')
-            continue
           try:
             self._admit(slot, req)
           except Exception as e:  # one bad request must not take the engine down
@@ -346,7 +356,8 @@ class Engine:
     rest (finish reason 'abort'), then stops the device thread."""
     deadline = time.monotonic() + drain_timeout_s
     self._draining = True
-    while time.monotonic() < deadline and (any(self._slots) or not self._waiting.empty()):
+    while (time.monotonic() < deadline and self.alive
+           and (any(r is not None for r in self._slots) or self._waiting)):
       time.sleep(0.01)
     self._stop.set()
     self._wake.set()
@@ -355,11 +366,8 @@ class Engine:
     for slot, req in enumerate(list(self._slots)):
       if req is not None:
         self._finish(slot, req, 'abort')
-    while True:
-      try:
-        self._finish(None, self._waiting.get_nowait(), 'abort')
-      except queue.Empty:
-        break
+    while (req := self._next_waiting()) is not None:
+      self._finish(None, req, 'abort')
     self.ready = False
 
   def close(self) -> None:

@@ -1,0 +1,291 @@
+"""Model bundles: what the server loads, exported from parameters or a training checkpoint.
+
+A bundle is one folder (TF Serving's layout puts it at `<base_path>/<name>/<version>/`):
+
+  params.safetensors   the parameter pytree, one tensor per leaf keyed by its '/'-joined path
+                       (float, bf16, int8 or packed-int4 uint8 leaves alike: quantised models too)
+  config.json          the ModelConfig the params run under (quantisation fields included)
+  tokenizer.model      the SentencePiece model (T5 layout, see t5like.data.tokenizer)
+  bundle.json          format version, parameter count and bytes, where it came from
+
+`export_bundle(params, cfg, tokenizer, out_dir)` writes one atomically (a temporary sibling
+folder renamed into place), `export_from_checkpoint(workdir, out_dir)` restores the params of a
+training checkpoint (t5like.train.checkpoint: `<workdir>/checkpoints/<step>/state`) without the
+optimizer's target shapes, and `load_bundle(path)` reads one back, checking shapes and dtypes
+against the config before any array reaches the device.
+
+Written here: the layout and checks. safetensors (in the core dependencies) stores the arrays;
+orbax reads the training checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from t5like.config import ConfigError, ModelConfig, from_dict, to_dict
+from t5like.data.tokenizer import Tokenizer, TokenizerError
+
+FORMAT_VERSION = 1
+PARAMS_FILE = 'params.safetensors'
+CONFIG_FILE = 'config.json'
+TOKENIZER_FILE = 'tokenizer.model'
+META_FILE = 'bundle.json'
+_SEP = '/'
+
+
+class BundleError(ValueError):
+  """A bundle cannot be written or read; the message names the path and what is wrong."""
+
+
+@dataclasses.dataclass
+class Bundle:
+  path: str
+  cfg: ModelConfig
+  params: Any              # nested dict of numpy arrays (host memory)
+  tokenizer: Tokenizer
+  meta: dict
+
+
+def _flatten(tree: Mapping, prefix: str = '') -> dict[str, np.ndarray]:
+  out = {}
+  for k, v in tree.items():
+    if _SEP in str(k):
+      raise BundleError(f'parameter key {k!r} contains {_SEP!r}; keys must not')
+    key = f'{prefix}{_SEP}{k}' if prefix else str(k)
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, key))
+    else:
+      out[key] = np.asarray(jax.device_get(v))
+  return out
+
+
+def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
+  tree: dict = {}
+  for key, value in flat.items():
+    node = tree
+    *parents, leaf = key.split(_SEP)
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+  with open(path, 'wb') as f:
+    f.write(data)
+
+
+def export_bundle(params, cfg: ModelConfig, tokenizer: Tokenizer, out_dir: str, *,
+                  source: str = '', overwrite: bool = False) -> str:
+  """Writes a bundle of (possibly quantised) `params` run by `cfg`; returns its path."""
+  from safetensors.numpy import save_file
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise BundleError(f'tokenizer has {tokenizer.vocab_size} ids but model {cfg.name!r} has '
+                      f'vocab_size {cfg.vocab_size}; export the tokenizer the model was trained with')
+  _check_params(_flatten(params), cfg, where='params to export')
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir):
+    if not overwrite:
+      raise BundleError(f'{out_dir} exists; choose a new version folder or pass overwrite=True')
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(out_dir)}.tmp')
+  try:
+    flat = _flatten(params)
+    save_file(flat, os.path.join(tmp, PARAMS_FILE), metadata={'format': 't5like'})
+    with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
+      json.dump(to_dict(cfg), f, indent=2, sort_keys=True)
+    _write_bytes(os.path.join(tmp, TOKENIZER_FILE), tokenizer.model_proto)
+    meta = {'format_version': FORMAT_VERSION, 'created': time.time(), 'source': source,
+            'param_count': int(sum(v.size for v in flat.values())),
+            'param_bytes': int(sum(v.nbytes for v in flat.values())),
+            'weight_quant': cfg.weight_quant, 'tokenizer_vocab_size': tokenizer.vocab_size}
+    with open(os.path.join(tmp, META_FILE), 'w') as f:
+      json.dump(meta, f, indent=2, sort_keys=True)
+    if os.path.exists(out_dir):
+      shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out_dir
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes the config's model has (float or quantised), without allocating."""
+  from t5like.models import abstract_params
+  if cfg.weight_quant == 'none':
+    return _flatten_abstract(abstract_params(cfg))
+  from t5like.compress.quantize import abstract_quantized_params
+  float_cfg = cfg.replace(weight_quant='none', activation_quant='none')
+  kw = {}
+  if cfg.activation_quant == 'static':  # scale values need calibration, their shapes do not
+    from t5like.models.transformer import dummy_inputs
+    kw['calibration_inputs'] = dummy_inputs(float_cfg)
+  qparams = abstract_quantized_params(float_cfg, cfg.weight_quant,
+                                      group_size=cfg.weight_quant_group_size,
+                                      activation_quant=cfg.activation_quant, **kw)
+  return _flatten_abstract(qparams)
+
+
+def _flatten_abstract(tree, prefix: str = '') -> dict:
+  out = {}
+  for k, v in tree.items():
+    key = f'{prefix}{_SEP}{k}' if prefix else str(k)
+    out.update(_flatten_abstract(v, key) if isinstance(v, Mapping) else {key: v})
+  return out
+
+
+def _check_params(flat: Mapping[str, np.ndarray], cfg: ModelConfig, where: str) -> None:
+  try:
+    want = _expected_shapes(cfg)
+  except Exception as e:  # a config whose model cannot be built, or missing calibration info
+    raise BundleError(f'{where}: cannot build model {cfg.name!r} from its config ({e})') from e
+  missing = sorted(set(want) - set(flat))
+  extra = sorted(set(flat) - set(want))
+  if missing or extra:
+    raise BundleError(f'{where} do not match model {cfg.name!r}: missing {missing[:5]}, '
+                      f'unexpected {extra[:5]} (of {len(want)} expected leaves); was it saved '
+                      'with another config?')
+  def wrong(k, s):
+    if tuple(flat[k].shape) != tuple(s.shape):
+      return True
+    # Quantisation scales may be stored in f32 or bf16 (quantize_params' scale_dtype).
+    return not k.endswith('scale') and np.dtype(flat[k].dtype) != np.dtype(s.dtype)
+  bad = [f'{k}: {flat[k].shape} {flat[k].dtype}, expected {tuple(s.shape)} {s.dtype}'
+         for k, s in want.items() if wrong(k, s)]
+  if bad:
+    raise BundleError(f'{where} have the wrong shapes or dtypes for model {cfg.name!r}: '
+                      + '; '.join(bad[:5]))
+
+
+def load_bundle(path: str) -> Bundle:
+  """Reads and checks a bundle (params stay in host memory)."""
+  from safetensors.numpy import load_file
+  path = os.path.abspath(path)
+  for f in (PARAMS_FILE, CONFIG_FILE, TOKENIZER_FILE):
+    if not os.path.isfile(os.path.join(path, f)):
+      raise BundleError(f'{path} is not a model bundle: {f} is missing (export one with '
+                        't5like.serve.bundle.export_bundle or `python -m t5like.serve.bundle`)')
+  try:
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+      cfg = from_dict(ModelConfig, json.load(f), prefix='model')
+  except (json.JSONDecodeError, ConfigError) as e:
+    raise BundleError(f'{path}/{CONFIG_FILE} is not a valid model config: {e}') from None
+  meta = {}
+  if os.path.isfile(os.path.join(path, META_FILE)):
+    with open(os.path.join(path, META_FILE)) as f:
+      meta = json.load(f)
+    if meta.get('format_version', FORMAT_VERSION) > FORMAT_VERSION:
+      raise BundleError(f'{path} has bundle format {meta["format_version"]}; this t5like reads '
+                        f'up to {FORMAT_VERSION}: upgrade t5like')
+  try:
+    flat = load_file(os.path.join(path, PARAMS_FILE))
+  except Exception as e:
+    raise BundleError(f'{path}/{PARAMS_FILE} cannot be read ({e}); it is corrupt or truncated: '
+                      're-export the bundle') from None
+  _check_params(flat, cfg, where=f'params in {path}')
+  try:
+    tok = Tokenizer.from_file(os.path.join(path, TOKENIZER_FILE))
+  except TokenizerError as e:
+    raise BundleError(f'{path}: {e}') from None
+  if tok.vocab_size > cfg.vocab_size:
+    raise BundleError(f'{path}: tokenizer has {tok.vocab_size} ids, more than the model\'s '
+                      f'vocab_size {cfg.vocab_size}')
+  return Bundle(path, cfg, _unflatten(flat), tok, meta)
+
+
+# ---- training checkpoints ------------------------------------------------------------------------
+
+def _find_tokenizer(workdir: str, saved_config: Mapping[str, Any]) -> str:
+  explicit = (saved_config.get('data') or {}).get('tokenizer') or ''
+  if explicit:
+    return explicit
+  folder = os.path.join(workdir, 'tokenizer')
+  found = sorted(f for f in os.listdir(folder) if f.endswith('.model')) if os.path.isdir(folder) else []
+  if len(found) != 1:
+    raise BundleError(f'cannot tell which tokenizer {workdir} was trained with: {folder} holds '
+                      f'{found or "no .model files"}; pass tokenizer_path=')
+  return os.path.join(folder, found[0])
+
+
+def restore_params(checkpoint_dir: str, step: int | None = None):
+  """(params as numpy arrays, saved config dict, step) of a t5like training checkpoint.
+
+  Restores only the parameters, onto one host device, whatever mesh the run was saved from."""
+  import orbax.checkpoint as ocp
+  from t5like.train import checkpoint as ckpt_lib
+  ckpt = ckpt_lib.Checkpointer(checkpoint_dir, async_save=False, keep_best=0)
+  try:
+    if step is None:
+      step = ckpt.latest_step()
+      if step is None:
+        raise BundleError(f'{checkpoint_dir} holds no checkpoint; train first or point at '
+                          'another folder')
+    elif step not in ckpt.all_steps():
+      raise BundleError(f'{checkpoint_dir} has no step {step}; it has {ckpt.all_steps()}')
+    config = ckpt.read_config(step)
+    try:
+      meta = ckpt.manager.item_metadata(step)['state']
+      meta = getattr(meta, 'tree', meta)
+      device = jax.local_devices(backend='cpu')[0]
+      sharding = jax.sharding.SingleDeviceSharding(device)
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                            dict(meta), is_leaf=lambda x: hasattr(x, 'shape'))
+      out = ckpt.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))
+    except BundleError:
+      raise
+    except Exception as e:
+      raise BundleError(f'checkpoint {ckpt.path(step)} cannot be read ({type(e).__name__}: '
+                        f'{str(e)[:300]}); it is corrupt or incomplete') from e
+    state = out['state']
+    params = state['params'] if isinstance(state, Mapping) else state.params
+    return jax.tree.map(np.asarray, params), config, step
+  finally:
+    ckpt.close()
+
+
+def export_from_checkpoint(workdir: str, out_dir: str, *, step: int | None = None,
+                           tokenizer_path: str = '', quantize: str = 'none',
+                           overwrite: bool = False) -> str:
+  """Exports the params of `<workdir>/checkpoints/<step>` (latest if None) as a bundle,
+  optionally quantised ('int8' / 'int4', t5like.compress.quantize)."""
+  from t5like.train.loop import CHECKPOINT_DIR
+  ckpt_dir = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not os.path.isdir(ckpt_dir):
+    raise BundleError(f'{workdir} has no {CHECKPOINT_DIR}/ folder; is it a t5like training workdir?')
+  params, config, step = restore_params(ckpt_dir, step)
+  cfg = from_dict(ModelConfig, config['model'], prefix='model')
+  tok = Tokenizer.from_file(tokenizer_path or _find_tokenizer(workdir, config))
+  if quantize != 'none':
+    from t5like.compress.quantize import quantize_params
+    params, cfg = quantize_params(params, cfg, quantize)
+  return export_bundle(params, cfg, tok, out_dir, overwrite=overwrite,
+                       source=f'{ckpt_dir}/{step}' + (f' ({quantize})' if quantize != 'none' else ''))
+
+
+def main(argv=None) -> None:
+  import argparse
+  p = argparse.ArgumentParser(description='Export a serving bundle from a t5like training workdir.')
+  p.add_argument('--workdir', required=True, help='training workdir (holds checkpoints/)')
+  p.add_argument('--out', required=True, help='bundle folder, e.g. models/<name>/<version>')
+  p.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
+  p.add_argument('--tokenizer', default='', help='spiece.model (default: the workdir\'s)')
+  p.add_argument('--quantize', default='none', choices=('none', 'int8', 'int4'))
+  p.add_argument('--overwrite', action='store_true')
+  a = p.parse_args(argv)
+  print(export_from_checkpoint(a.workdir, a.out, step=a.step, tokenizer_path=a.tokenizer,
+                               quantize=a.quantize, overwrite=a.overwrite))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,147 @@
+"""Prometheus metrics of the server (prometheus_client; base units, `_total` counters).
+
+Each `ServerMetrics` owns its own `CollectorRegistry`, so several servers (tests) can live in one
+process. Latencies and token counts are observed by `RequestTimer` from the engine's events;
+gauges (running / waiting requests, slots, KV-cache use, model info and state, process CPU and
+memory) are read at scrape time by a collector, never frozen at start-up. The table of every
+metric is in BUILD.md, "## Serving".
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+PREFIX = 't5like'
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0,
+                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+MV = ('model', 'version')
+
+
+class _LiveCollector:
+  """Gauges read at scrape time from the registry's engines and from the process."""
+
+  def __init__(self, snapshot: Callable[[], Iterable[dict]]):
+    self._snapshot = snapshot
+    self._proc = psutil.Process()
+
+  def collect(self):
+    running = GaugeMetricFamily(f'{PREFIX}_requests_running', 'Requests in a decode slot.', labels=MV)
+    waiting = GaugeMetricFamily(f'{PREFIX}_requests_waiting', 'Requests queued for a slot.',
+                                labels=MV)
+    slots = GaugeMetricFamily(f'{PREFIX}_slots_in_use', 'Decode slots holding a request.', labels=MV)
+    total = GaugeMetricFamily(f'{PREFIX}_slots', 'Decode slots of the engine.', labels=MV)
+    kv = GaugeMetricFamily(f'{PREFIX}_kv_cache_usage_ratio',
+                           'Fraction of the KV-cache positions holding live tokens.', labels=MV)
+    state = GaugeMetricFamily(f'{PREFIX}_model_state', '1 for the version\'s current state.',
+                              labels=MV + ('state',))
+    pbytes = GaugeMetricFamily(f'{PREFIX}_model_param_bytes', 'Bytes of the loaded parameters.',
+                               labels=MV)
+    steps = CounterMetricFamily(f'{PREFIX}_engine_steps', 'Batched decode steps run.', labels=MV)
+    info = InfoMetricFamily(f'{PREFIX}_model', 'Loaded model versions and their configuration.',
+                            labels=MV)
+    for s in self._snapshot():
+      mv = (s['model'], str(s['version']))
+      state.add_metric(mv + (s['state'],), 1)
+      info.add_metric(mv, {k: str(v) for k, v in s['info'].items()})
+      e = s.get('engine')
+      if e is None:
+        continue
+      running.add_metric(mv, e['running'])
+      waiting.add_metric(mv, e['waiting'])
+      slots.add_metric(mv, e['slots_in_use'])
+      total.add_metric(mv, e['num_slots'])
+      kv.add_metric(mv, e['kv_cache_usage'])
+      steps.add_metric(mv, e['steps'])
+      pbytes.add_metric(mv, s['param_bytes'])
+    yield from (running, waiting, slots, total, kv, state, pbytes, steps, info)
+    with self._proc.oneshot():
+      cpu = self._proc.cpu_times()
+      mem = self._proc.memory_info()
+      threads = self._proc.num_threads()
+    c = CounterMetricFamily('process_cpu_seconds', 'User and system CPU time of the process.')
+    c.add_metric([], cpu.user + cpu.system)
+    yield c
+    yield GaugeMetricFamily('process_resident_memory_bytes', 'Resident set size.', value=mem.rss)
+    yield GaugeMetricFamily('process_virtual_memory_bytes', 'Virtual memory size.', value=mem.vms)
+    yield GaugeMetricFamily('process_threads', 'OS threads of the process.', value=threads)
+    yield GaugeMetricFamily('process_start_time_seconds', 'Start time (Unix seconds).',
+                            value=self._proc.create_time())
+
+
+class ServerMetrics:
+  """All server metrics on one registry; `render()` is the /metrics body."""
+
+  def __init__(self, snapshot: Callable[[], Iterable[dict]] = lambda: ()):
+    r = self.registry = CollectorRegistry(auto_describe=True)
+    self.requests = Counter(f'{PREFIX}_requests', 'Finished HTTP requests by status code.',
+                            MV + ('endpoint', 'status'), registry=r)
+    self.finished = Counter(f'{PREFIX}_request_finish', 'Generations by finish reason.',
+                            MV + ('reason',), registry=r)
+    self.rejections = Counter(f'{PREFIX}_rejections', 'Requests refused before generation.',
+                              ('model', 'reason'), registry=r)
+    self.prompt_tokens = Counter(f'{PREFIX}_prompt_tokens', 'Prompt tokens of admitted requests.',
+                                 MV, registry=r)
+    self.generation_tokens = Counter(f'{PREFIX}_generation_tokens', 'Generated tokens.', MV,
+                                     registry=r)
+    self.ttft = Histogram(f'{PREFIX}_time_to_first_token_seconds',
+                          'Submission to first generated token.', MV, buckets=_LATENCY_BUCKETS,
+                          registry=r)
+    self.itl = Histogram(f'{PREFIX}_inter_token_latency_seconds',
+                         'Time between consecutive generated tokens.', MV, buckets=_ITL_BUCKETS,
+                         registry=r)
+    self.e2e = Histogram(f'{PREFIX}_e2e_request_latency_seconds',
+                         'Submission to the last token of a generation.', MV,
+                         buckets=_LATENCY_BUCKETS, registry=r)
+    self.queue_time = Histogram(f'{PREFIX}_request_queue_time_seconds',
+                                'Submission to admission into a decode slot.', MV,
+                                buckets=_LATENCY_BUCKETS, registry=r)
+    self.prompt_hist = Histogram(f'{PREFIX}_request_prompt_tokens', 'Prompt tokens per request.',
+                                 MV, buckets=_TOKEN_BUCKETS, registry=r)
+    self.gen_hist = Histogram(f'{PREFIX}_request_generation_tokens',
+                              'Generated tokens per request.', MV, buckets=_TOKEN_BUCKETS,
+                              registry=r)
+    r.register(_LiveCollector(snapshot))
+
+  def render(self) -> bytes:
+    return generate_latest(self.registry)
+
+  def timer(self, model: str, version) -> 'RequestTimer':
+    return RequestTimer(self, model, str(version))
+
+
+class RequestTimer:
+  """Observes one generation's latencies; `token()` / `finish()` run on the engine thread."""
+
+  def __init__(self, m: ServerMetrics, model: str, version: str):
+    self.m, self.labels = m, (model, version)
+    self.last_token_at: float | None = None
+    self.tokens = 0
+
+  def token(self) -> None:
+    now = time.monotonic()
+    if self.last_token_at is not None:
+      self.m.itl.labels(*self.labels).observe(now - self.last_token_at)
+    self.last_token_at = now
+    self.tokens += 1
+
+  def finish(self, request, reason: str, tokens: int | None = None) -> None:
+    """Records a finished generation; `tokens` is how many it returned (default: all seen)."""
+    m, lb = self.m, self.labels
+    tokens = self.tokens if tokens is None else tokens
+    m.finished.labels(*lb, reason.split(':', 1)[0]).inc()
+    m.prompt_tokens.labels(*lb).inc(len(request.prompt_ids))
+    m.prompt_hist.labels(*lb).observe(len(request.prompt_ids))
+    m.generation_tokens.labels(*lb).inc(tokens)
+    m.gen_hist.labels(*lb).observe(tokens)
+    if request.started_at is not None:
+      m.queue_time.labels(*lb).observe(request.started_at - request.submitted_at)
+    if request.first_token_at is not None:
+      m.ttft.labels(*lb).observe(request.first_token_at - request.submitted_at)
+    end = request.finished_at or time.monotonic()
+    m.e2e.labels(*lb).observe(end - request.submitted_at)
