@@ -21,15 +21,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from t5like.config import DataConfig, OptimConfig, TrainConfig, get_variant  # noqa: E402
 
-flags.DEFINE_string('workdir', 'runs/distill', 'where the teacher and students train')
-flags.DEFINE_string('results', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results'),
-                    'where distill.json / distill.png go')
-flags.DEFINE_integer('teacher_steps', 600, 'teacher training steps')
-flags.DEFINE_integer('student_steps', 300, 'steps of every student run')
-flags.DEFINE_list('kinds', ['scratch', 'soft', 'hard', 'sequence'], 'student runs')
-flags.DEFINE_float('alpha', 0.5, 'weight of the distillation loss')
-flags.DEFINE_float('temperature', 2.0, 'soft-target temperature')
 FLAGS = flags.FLAGS
+
+def define_flags():
+  """This script's flags (defined only when it runs, so experiments/quantize.py can import it)."""
+  flags.DEFINE_string('workdir', 'runs/distill', 'where the teacher and students train')
+  flags.DEFINE_string('results', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results'),
+                      'where distill.json / distill.png go')
+  flags.DEFINE_integer('teacher_steps', 600, 'teacher training steps')
+  flags.DEFINE_integer('student_steps', 300, 'steps of every student run')
+  flags.DEFINE_list('kinds', ['scratch', 'soft', 'hard', 'sequence'], 'student runs')
+  flags.DEFINE_float('alpha', 0.5, 'weight of the distillation loss')
+  flags.DEFINE_float('temperature', 2.0, 'soft-target temperature')
+
 
 DATA = DataConfig(corpus='shakespeare', vocab_size=2000, inputs_length=64, batch_size=16, pack=False)
 
@@ -138,4 +142,5 @@ def _write(results, plot=False):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -33,6 +33,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
+  import jax
+  # Compiled programs are cached across runs (a resumed run skips most compilation).
+  jax.config.update('jax_compilation_cache_dir', os.environ.get(
+      'T5LIKE_COMPILATION_CACHE', os.path.expanduser('~/.cache/t5like/jax')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   from t5like.train import loop  # after flag parsing: jax starts here
   cfg = config_lib.from_dict(config_lib.TrainConfig, _CONFIG.value.to_dict())
   workdir = _WORKDIR.value or os.path.join('runs', config_name(flags.FLAGS['config'].serialize()
@@ -45,7 +50,7 @@ def main(argv):
     print(f'validation loss: step 0 {summary["initial_val_loss"]:.4f} -> step '
           f'{summary["final_step"]} {summary["final_val_loss"]:.4f} '
           f'(accuracy {summary["final_val_accuracy"]:.3f})')
-  print(f'wall time {summary["wall_s"]:.0f} s')
+  print(f'wall time {summary["wall_s"]:.0f} s ({summary["timings"]})')
   for key in ('workdir', 'config_file', 'checkpoint_dir', 'metrics_file', 'tensorboard_dir', 'plot'):
     print(f'{key:>16}: {summary[key]}')
   if summary.get('interrupted'):

@@ -24,18 +24,18 @@ def _base(variant: str, **model_overrides) -> ml_collections.ConfigDict:
 
 def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   if arg == 'default':
-    cfg = _base('t5_small', d_model=256, num_heads=4, head_dim=64, d_ff=1024,
+    cfg = _base('t5_small', d_model=192, num_heads=4, head_dim=48, d_ff=768,
                 num_encoder_layers=3, num_decoder_layers=3, dropout_rate=0.0, name='t5_shakespeare')
     cfg.data.objective = 'span_corruption'
     cfg.data.inputs_length = 128
     cfg.data.batch_size = 32
-    cfg.num_steps = 300
+    cfg.num_steps = 250
     cfg.optim.learning_rate = 3e-3
-    cfg.optim.warmup_steps = 30
+    cfg.optim.warmup_steps = 25
     cfg.log_every = 10
-    cfg.eval_every = 100
-    cfg.eval_batches = 16
-    cfg.checkpoint_every = 100
+    cfg.eval_every = 125
+    cfg.eval_batches = 8
+    cfg.checkpoint_every = 125
   elif arg == 'tiny':
     cfg = _base('t5_tiny')
     cfg.data.inputs_length = 64

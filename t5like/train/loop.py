@@ -35,7 +35,7 @@ from t5like import config as config_lib
 from t5like.config import ConfigError, TrainConfig
 from t5like.data import pipeline
 from t5like.models import build_model, flops, param_count
-from t5like.optim import make_optimizer, make_schedule
+from t5like.optim import make_optimizer, make_schedule, observe_validation
 from t5like.parallel.mesh import get_rules, make_mesh
 from t5like.train import checkpoint as ckpt_lib
 from t5like.train import metrics as metrics_lib
@@ -134,6 +134,7 @@ def train(config: TrainConfig, workdir: str, *, devices: Sequence[jax.Device] | 
 
   train_iter, eval_batches, tokenizer = pipeline.make_datasets(
       config.data, config.model.arch, workdir, seed=config.seed)
+  data_s = time.perf_counter() - t_start
   config = resolve_config(config, tokenizer)
   config_dict = config_lib.to_dict(config)
   write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_dict)
@@ -150,14 +151,15 @@ def train(config: TrainConfig, workdir: str, *, devices: Sequence[jax.Device] | 
                                async_save=config.async_checkpointing)
   try:
     return _run(config, config_dict, workdir, mesh, rules, model, tx, schedule, ckpt, train_iter,
-                eval_batches, tokenizer, (B, S, T), t_start, print_fn)
+                eval_batches, tokenizer, (B, S, T), t_start, print_fn, {'data_s': data_s})
   finally:
     ckpt.close()
 
 
 def _run(config, config_dict, workdir, mesh, rules, model, tx, schedule, ckpt, train_iter,
-         eval_batches, tokenizer, shape, t_start, print_fn):
+         eval_batches, tokenizer, shape, t_start, print_fn, timings):
   B, S, T = shape
+  t0 = time.perf_counter()
   abstract, shardings = state_lib.abstract_train_state(config.model, tx, mesh, rules)
   start = ckpt.latest_step()
   if start is None:
@@ -172,6 +174,7 @@ def _run(config, config_dict, workdir, mesh, rules, model, tx, schedule, ckpt, t
       raise ckpt_lib.CheckpointError(f'checkpoint {ckpt.path(start)}: {e}') from e
     print_fn(f'resumed from {ckpt.path(start)} (step {start})')
 
+  timings['state_s'] = time.perf_counter() - t0
   n_params = param_count(state.params)
   tokens_per_step = B * flops.tokens_per_row(config.model, S, T)
   flops_per_step = flops.train_step_flops(config.model, B, S, T)
@@ -190,7 +193,13 @@ def _run(config, config_dict, workdir, mesh, rules, model, tx, schedule, ckpt, t
                                      grad_accum_steps=config.grad_accum_steps)
   eval_fn = step_lib.jit_eval_step(model=model, params_shardings=shardings.params,
                                    batch_shardings=batch_sh, mesh=mesh)
-  run_eval = lambda params: evaluate(eval_fn, params, eval_batches, mesh, config.eval_batches)
+  timings['eval_s'] = 0.0
+
+  def run_eval(params):
+    t = time.perf_counter()
+    out = evaluate(eval_fn, params, eval_batches, mesh, config.eval_batches)
+    timings['eval_s'] += time.perf_counter() - t
+    return out
   summary: dict[str, Any] = {'workdir': workdir, 'start_step': start, 'interrupted': None,
                              'parameters': n_params, 'peak_flops_per_s': peak,
                              'flops_per_step': flops_per_step}
@@ -207,13 +216,14 @@ def _run(config, config_dict, workdir, mesh, rules, model, tx, schedule, ckpt, t
     val_loss = None
     batch = first
     step = start
+    clock_first = time.perf_counter()
     while step < num_steps:
       state, m = train_fn(state, pipeline.to_global_batch(batch, mesh))
       step += 1
       pending.append((step, m))
       if clock is None:  # exclude compilation from throughput
         jax.block_until_ready(m)
-        summary['first_step_s'] = time.perf_counter() - t_start
+        timings['first_step_s'] = time.perf_counter() - clock_first
         clock, clock_step = time.perf_counter(), step
       last = step == num_steps
       stopping = stop.received is not None
@@ -235,6 +245,9 @@ def _run(config, config_dict, workdir, mesh, rules, model, tx, schedule, ckpt, t
           val_loss = val['loss']
           writer.write(step, val, 'eval')
           print_fn(f'step {step}: validation loss {val_loss:.4f}, accuracy {val["accuracy"]:.3f}')
+          if config.optim.plateau:  # reduce-on-plateau reads the validation loss (saved below)
+            state = state.replace(opt_state=jax.device_put(
+                observe_validation(state.opt_state, val_loss), shardings.opt_state))
         if is_ckpt:
           ckpt.save(step, state, train_iter.get_state(), config_dict, val_loss=val_loss)
         clock, clock_step = time.perf_counter(), step
@@ -261,6 +274,7 @@ def _run(config, config_dict, workdir, mesh, rules, model, tx, schedule, ckpt, t
                  config_file=os.path.join(workdir, CONFIG_FILE))
   summary['plot'] = metrics_lib.plot_curves(writer.path,
                                             os.path.join(workdir, metrics_lib.PLOT_FILE))
+  t0 = time.perf_counter()
   if summary['interrupted'] is None and config.num_samples:
     _, val_docs = pipeline.load_splits(config.data)
     prompts = samples_lib.held_out_prompts(val_docs, config.num_samples)
@@ -269,6 +283,8 @@ def _run(config, config_dict, workdir, mesh, rules, model, tx, schedule, ckpt, t
           state.params, config.model, config.data, tokenizer, prompts,
           max_new_tokens=config.sample_tokens, seed=config.seed,
           temperature=config.sample_temperature, top_k=config.sample_top_k)
+  timings['samples_s'] = time.perf_counter() - t0
+  summary['timings'] = {k: round(v, 2) for k, v in timings.items()}
   summary['wall_s'] = time.perf_counter() - t_start
   write_json_atomic(os.path.join(workdir, 'summary.json'),
                     {k: v for k, v in summary.items() if k != 'samples'} |

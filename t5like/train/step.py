@@ -108,8 +108,10 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
 
   Metrics: 'loss' (weighted mean cross-entropy, without z-loss), 'z_loss', 'accuracy',
   'grad_norm' (global norm before clipping), 'learning_rate' (of this update, when `schedule` is
-  given), 'tokens' (sum of loss weights: the target tokens trained on), 'loss_scale', and, for
-  'fp16', 'skipped' (overflowing steps so far).
+  given), 'tokens' (sum of loss weights: the target tokens trained on), 'loss_scale', for
+  'fp16', 'skipped' (overflowing steps so far), and, when the optimizer has them
+  (`t5like.optim.adaptive`), 'skipped_steps' (updates skipped on gradient-norm spikes so far),
+  'lr_grad_scale' and 'lr_plateau_scale'.
   """
   weights = _loss_weights(batch)
   total_weight = jnp.maximum(jnp.sum(weights), 1.0)
@@ -151,6 +153,12 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     opt_state = precision.select_tree(finite, opt_state, state.opt_state)
     ls = ls.adjust(finite)
     metrics['skipped'] = ls.skipped
+  # Adaptive parts of the optimizer (after the update, and after an fp16 skip restored the state):
+  # updates skipped on gradient-norm spikes, the gradient-statistics and plateau lr factors.
+  opt_metrics = adaptive.optimizer_metrics(opt_state)
+  for k in ('skipped_steps', 'lr_grad_scale', 'lr_plateau_scale'):
+    if k in opt_metrics:
+      metrics[k] = opt_metrics[k]
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             loss_scale=ls)
   return new_state, metrics
