@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import threading
 import time
@@ -104,6 +105,41 @@ def sample_rows(logits_RV, temperature_R, top_k_R, top_p_R, keys_R):
   return jax.lax.cond(jnp.all(temperature_R <= 0), lambda _: greedy_R, draw, None)
 
 
+@functools.partial(jax.jit, static_argnames=('cfg', 'max_prompt_len', 'max_new_tokens'))
+def _prefill(params, tokens_1P, temperature, top_k, top_p, key, *, cfg: ModelConfig,
+             max_prompt_len: int, max_new_tokens: int):
+  """One request alone: its cache row and its first sampled token."""
+  model = build_model(cfg)
+  if cfg.is_encdec:
+    row = init_cache(cfg, 1, max_new_tokens + 1, tokens_1P.shape[1])
+    row = model.apply({'params': params}, tokens_1P, row, method='prefill')
+    start = jnp.full((1, 1), cfg.decoder_start_id, jnp.int32)
+    logits, row = model.apply({'params': params}, start, row, method='decode_step')
+    logits_V = logits[0, 0]
+  else:
+    length = prompt_lengths(tokens_1P)
+    row = init_cache(cfg, 1, max_prompt_len + max_new_tokens + 1)
+    logits, row = model.apply({'params': params}, tokens_1P, row, method='decode_step')
+    logits_V = logits[0, length[0] - 1]
+    row = dict(row, index=length)
+  tok = sample_rows(logits_V[None], temperature[None], top_k[None], top_p[None], key[None])
+  return row, tok[0]
+
+
+_insert = jax.jit(_insert_row, donate_argnums=(0,))
+
+
+@functools.partial(jax.jit, static_argnames=('cfg',), donate_argnums=(1,))
+def _generate(params, cache, tokens_R, temp_R, top_k_R, top_p_R, keys_R2, pos_R, active_R, *,
+              cfg: ModelConfig):
+  """One token for every slot row; idle rows are computed but their cache index stays."""
+  logits, new_cache = build_model(cfg).apply({'params': params}, tokens_R[:, None], cache,
+                                             method='decode_step')
+  new_cache['index'] = jnp.where(active_R, new_cache['index'], cache['index'])
+  keys = jax.vmap(jax.random.fold_in)(keys_R2, pos_R)
+  return sample_rows(logits[:, 0], temp_R, top_k_R, top_p_R, keys), new_cache
+
+
 class Engine:
   """Serves one model. `submit` is thread-safe; `start` launches the device thread."""
 
@@ -116,7 +152,6 @@ class Engine:
     self.num_slots, self.max_new_tokens = num_slots, max_new_tokens
     self.buckets = tuple(sorted(prompt_buckets))
     self.max_prompt_len = self.buckets[-1]
-    self._model = build_model(cfg)
     self.max_queue = max_queue
     self._waiting: collections.deque[Request] = collections.deque()   # guarded by _lock
     self._slots: list[Request | None] = [None] * num_slots
@@ -140,36 +175,12 @@ class Engine:
     self._top_p = np.ones((R,), np.float32)
     self._keys = np.zeros((R, 2), np.uint32)
     self._pos = np.zeros((R,), np.int32)
-    self._prefill = jax.jit(self._prefill_impl)
-    self._insert = jax.jit(_insert_row, donate_argnums=(0,))
-    self._generate = jax.jit(self._generate_impl, donate_argnums=(1,))
-
-  # ---- device functions -------------------------------------------------------------------------
-  def _prefill_impl(self, params, tokens_1P, temperature, top_k, top_p, key):
-    cfg, model = self.cfg, self._model
-    if cfg.is_encdec:
-      row = init_cache(cfg, 1, self.max_new_tokens + 1, tokens_1P.shape[1])
-      row = model.apply({'params': params}, tokens_1P, row, method='prefill')
-      start = jnp.full((1, 1), cfg.decoder_start_id, jnp.int32)
-      logits, row = model.apply({'params': params}, start, row, method='decode_step')
-      logits_V = logits[0, 0]
-    else:
-      length = prompt_lengths(tokens_1P)
-      row = init_cache(cfg, 1, self.max_prompt_len + self.max_new_tokens + 1)
-      logits, row = model.apply({'params': params}, tokens_1P, row, method='decode_step')
-      logits_V = logits[0, length[0] - 1]
-      row = dict(row, index=length)
-    tok = sample_rows(logits_V[None], temperature[None], top_k[None], top_p[None], key[None])
-    return row, tok[0]
-
-  def _generate_impl(self, params, cache, tokens_R, temp_R, top_k_R, top_p_R, keys_R2, pos_R,
-                     active_R):
-    logits, new_cache = self._model.apply({'params': params}, tokens_R[:, None], cache,
-                                          method='decode_step')
-    # Idle rows keep their index so they never run past the cache.
-    new_cache['index'] = jnp.where(active_R, new_cache['index'], cache['index'])
-    keys = jax.vmap(jax.random.fold_in)(keys_R2, pos_R)
-    return sample_rows(logits[:, 0], temp_R, top_k_R, top_p_R, keys), new_cache
+    # Module-level jitted functions with static shapes: engines of the same config and sizes (two
+    # versions of one model, a reloaded version) share their compiled executables.
+    self._prefill = functools.partial(_prefill, cfg=cfg, max_prompt_len=self.max_prompt_len,
+                                      max_new_tokens=max_new_tokens)
+    self._insert = _insert
+    self._generate = functools.partial(_generate, cfg=cfg)
 
   # ---- host side -------------------------------------------------------------------------------
   def bucket_for(self, length: int) -> int:
@@ -241,9 +252,9 @@ class Engine:
   def stats(self) -> dict:
     with self._lock:
       live = [r for r in self._slots if r is not None]
+      waiting = len(self._waiting)
     cap = self._cache_len * self.num_slots
     used = sum(len(r.prompt_ids) * (not self.cfg.is_encdec) + len(r.output_ids) for r in live)
-      waiting = len(self._waiting)
     return {'running': len(live), 'waiting': waiting, 'slots_in_use': len(live),
             'num_slots': self.num_slots, 'kv_cache_usage': used / cap, 'steps': self.steps}
 

@@ -120,6 +120,10 @@ def main(argv):
     server.run()
   finally:
     registry.close()
+    logging.shutdown()
+  # A version still compiling in a loader thread cannot be interrupted, and tearing XLA down under
+  # it at interpreter exit aborts the process: everything is drained and freed, so leave now.
+  os._exit(0)
 
 
 if __name__ == '__main__':

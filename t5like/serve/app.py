@@ -6,7 +6,8 @@
                                        stop (string or up to 4), stop_token_ids (extension), seed,
                                        stream (SSE ending in `data: [DONE]`), stream_options
                                        {include_usage}, timeout (extension, seconds, at most the
-                                       server's), user (ignored)
+                                       server's), return_token_ids (extension: the choice gets
+                                       prompt_token_ids and token_ids), user (ignored)
   GET  /v1/models, /v1/models/{name}   OpenAI model objects; the latter adds TF Serving's
                                        model_version_status (LOADING, AVAILABLE, UNLOADING, END)
   POST /admin/models/{name}/load       {"version": N} optional; bearer token (401 without, 403 when
@@ -56,7 +57,8 @@ _NEUTRAL = {'echo': (False,), 'logprobs': (None, 0), 'best_of': (None, 1), 'suff
             'presence_penalty': (None, 0, 0.0), 'frequency_penalty': (None, 0, 0.0),
             'logit_bias': (None, {})}
 _FIELDS = {'model', 'prompt', 'max_tokens', 'temperature', 'top_p', 'top_k', 'n', 'stop',
-           'stop_token_ids', 'seed', 'stream', 'stream_options', 'user', 'timeout', *_NEUTRAL}
+           'stop_token_ids', 'seed', 'stream', 'stream_options', 'user', 'timeout',
+           'return_token_ids', *_NEUTRAL}
 
 
 class ApiError(Exception):
@@ -147,6 +149,9 @@ def parse_completion(data: Any) -> dict:
                            or not 0 <= seed < 2 ** 63):
     raise ApiError(400, f'seed must be a non-negative integer, got {seed!r}', 'seed')
   top_k = _number(data, 'top_k', 0, lo=-1, integer=True)
+  for k in ('return_token_ids',):
+    if not isinstance(data.get(k, False), bool):
+      raise ApiError(400, f'{k} must be true or false', k)
   if 'user' in data and not isinstance(data['user'], str):
     raise ApiError(400, 'user must be a string', 'user')
   return dict(
@@ -155,7 +160,7 @@ def parse_completion(data: Any) -> dict:
       max_tokens=_number(data, 'max_tokens', 16, lo=1, integer=True),
       temperature=float(_number(data, 'temperature', 1.0, lo=0, hi=2)),
       top_p=float(_number(data, 'top_p', 1.0, lo=0, hi=1, lo_open=True)),
-      top_k=max(top_k, 0), timeout=_number(data, 'timeout', None, lo=0, lo_open=True))
+      top_k=max(top_k, 0), return_token_ids=data.get('return_token_ids', False), timeout=_number(data, 'timeout', None, lo=0, lo_open=True))
 
 
 def split_model(model: str) -> tuple[str, int | None]:
@@ -327,7 +332,8 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
     except engine_lib.EngineError as e:
       reject(name, 'shutting_down', ApiError(503, str(e), None, 'shutting_down',
                                              {'Retry-After': str(retry_after_s)}))
-    gen = _Generation(req, engine, events, TextTracker(tok, p['stop']), timer)
+    gen = _Generation(req, engine, events, TextTracker(tok, p['stop']), timer,
+                      ids if p['return_token_ids'] else None)
     meta = {'id': f'cmpl-{uuid.uuid4().hex}', 'created': int(time.time()),
             'model': f'{name}' if version is None else f'{name}:{version}'}
     if p['stream']:
@@ -340,8 +346,9 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
                      'raise "timeout" or lower max_tokens', 'timeout', 'timeout')
     if reason.startswith('error'):
       raise ApiError(500, f'generation failed: {reason}')
-    return {**meta, 'object': 'text_completion',
-            'choices': [{'index': 0, 'text': text, 'logprobs': None, 'finish_reason': reason}],
+    choice = {'index': 0, 'text': text, 'logprobs': None, 'finish_reason': reason,
+              **gen.token_fields()}
+    return {**meta, 'object': 'text_completion', 'choices': [choice],
             'usage': _usage(len(ids), gen.n)}
 
   # ---- models ------------------------------------------------------------------------------------
@@ -440,8 +447,11 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 class _Generation:
   """Consumes one request's engine events on the event loop."""
 
-  def __init__(self, req, engine, events: asyncio.Queue, text: TextTracker, timer):
+  def __init__(self, req, engine, events: asyncio.Queue, text: TextTracker, timer,
+               prompt_ids=None):
     self.req, self.engine, self.events, self.text, self.timer = req, engine, events, text, timer
+    self.prompt_ids = prompt_ids       # set when the request asked for return_token_ids
+    self._sent_ids = 0
     self.n = 0
     self.reason: str | None = None
     self._recorded = False
@@ -463,6 +473,16 @@ class _Generation:
         self.reason = 'stop'
         return delta, None
       return delta, None
+
+  def token_fields(self, delta: bool = False) -> dict:
+    if self.prompt_ids is None:
+      return {}
+    ids = self.text.ids[:self.n]
+    if delta:
+      out, self._sent_ids = ids[self._sent_ids:], len(ids)
+      return {'token_ids': out, **({'prompt_token_ids': self.prompt_ids} if not
+                                   self._sent_ids - len(out) else {})}
+    return {'prompt_token_ids': self.prompt_ids, 'token_ids': ids}
 
   def record(self) -> None:
     if not self._recorded:
@@ -490,7 +510,8 @@ class _Generation:
   async def sse(self, meta: dict, prompt_tokens: int, include_usage: bool):
     def chunk(text, reason, usage=None):
       body = {**meta, 'object': 'text_completion',
-              'choices': [{'index': 0, 'text': text, 'logprobs': None, 'finish_reason': reason}]}
+              'choices': [{'index': 0, 'text': text, 'logprobs': None, 'finish_reason': reason,
+                           **self.token_fields(delta=True)}]}
       if usage is not None:
         body.update(choices=[], usage=usage)
       return f'data: {json.dumps(body)}\n\n'
