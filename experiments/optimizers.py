@@ -20,8 +20,12 @@ model.precision) changes. Phases:
 
 Outputs: <results>/optimizers.json (every run: config, final validation loss, steps/s, skipped
 steps, curves), <results>/optimizers.md (the tables) and <results>/optimizers.png (loss curves).
-Finished runs are cached in <workdir>/runs.json, so an interrupted experiment resumes; the
-SentencePiece model is trained once into <workdir>/tokenizer and reused by every run.
+Finished runs are cached in <workdir>/results/<run>-<config hash>.json, so an interrupted
+experiment resumes; the SentencePiece model is trained once into <workdir>/tokenizer and reused by
+every run. `--part` splits the work between two processes on the same workdir (on a shared
+machine, two processes get twice the CPU share): 'sweep' runs the sweep of every optimizer but
+`config.schedule_optimizer`, 'main' that optimizer's sweep, the schedules and the precision runs;
+'all' (the default) runs whatever is not cached yet and writes the outputs.
 """
 import dataclasses
 import hashlib
@@ -45,6 +49,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/optimizers', 'Cache of runs and the tokenizer.')
 _RESULTS = flags.DEFINE_string('results', os.path.join(_HERE, 'results'), 'Output folder.')
+_PART = flags.DEFINE_enum('part', 'all', ['all', 'sweep', 'main'],
+                          "'sweep' / 'main': one of two cooperating processes (module docstring).")
 
 
 def log(msg: str) -> None:
@@ -62,17 +68,16 @@ class Runner:
   def __init__(self, workdir: str):
     self.workdir = os.path.abspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
-    self.cache_path = os.path.join(self.workdir, 'runs.json')
-    self.cache = {}
-    if os.path.exists(self.cache_path):
-      with open(self.cache_path) as f:
-        self.cache = json.load(f)
+    self.cache_dir = os.path.join(self.workdir, 'results')
+    os.makedirs(self.cache_dir, exist_ok=True)
 
   def run(self, name: str, cfg: config_lib.TrainConfig, **labels) -> dict:
-    key = f'{name}-{config_key(cfg)}'
-    if key in self.cache:
-      log(f'{name}: cached (final validation loss {self.cache[key]["final_val_loss"]:.4f})')
-      return self.cache[key]
+    cached = os.path.join(self.cache_dir, f'{name}-{config_key(cfg)}.json')
+    if os.path.exists(cached):
+      with open(cached) as f:
+        result = json.load(f)
+      log(f'{name}: cached (final validation loss {result["final_val_loss"]:.4f})')
+      return result
     from t5like.train import loop, metrics as metrics_lib
     wd = os.path.join(self.workdir, 'runs', name)
     shutil.rmtree(wd, ignore_errors=True)       # a fresh run, never a resume of another config
@@ -108,11 +113,10 @@ class Runner:
     log(f'{name}: validation loss {result["initial_val_loss"]:.4f} -> '
         f'{result["final_val_loss"]:.4f}, {result["steps_per_s"] or 0:.2f} steps/s, '
         f'{result["skipped_steps"]} skipped, {wall:.0f} s ({summary.get("timings")})')
-    self.cache[key] = result
-    tmp = self.cache_path + '.tmp'
+    tmp = cached + '.tmp'
     with open(tmp, 'w') as f:
-      json.dump(self.cache, f)
-    os.replace(tmp, self.cache_path)
+      json.dump(result, f)
+    os.replace(tmp, cached)
     return result
 
 
@@ -298,8 +302,14 @@ def main(argv):
       base.data, tokenizer=shared_tokenizer(base, _WORKDIR.value)))
   log(f'tokenizer {base.data.tokenizer}')
 
+  sched_opt = xcfg.schedule_optimizer
+  if sched_opt not in xcfg.sweep:
+    raise ValueError(f'schedule_optimizer={sched_opt!r} is not in the sweep {list(xcfg.sweep)}')
+  part = _PART.value
   sweep, optimizers = {}, []
   for name, lrs in xcfg.sweep.items():
+    if (part == 'sweep') == (name == sched_opt) and part != 'all':
+      continue
     rows = []
     for lr in lrs:
       cfg = dataclasses.replace(base, optim=optimizer_optim(base.optim, name, lr))
@@ -308,9 +318,9 @@ def main(argv):
     sweep[name] = rows
     optimizers.append(min(rows, key=lambda r: r['final_val_loss']))
 
-  sched_opt = xcfg.schedule_optimizer
-  if sched_opt not in sweep:
-    raise ValueError(f'schedule_optimizer={sched_opt!r} is not in the sweep {list(sweep)}')
+  if part == 'sweep':
+    log(f'sweep part done in {time.perf_counter() - t0:.0f} s')
+    return
   best_lr = min(sweep[sched_opt], key=lambda r: r['final_val_loss'])['learning_rate']
   best_optim = optimizer_optim(base.optim, sched_opt, best_lr)
   notes = {'rsqrt': f'lr x sqrt(warmup={base.optim.warmup_steps}): same peak',
@@ -338,11 +348,21 @@ def main(argv):
   bf16_cfg = dataclasses.replace(f32_cfg, model=f32_cfg.model.replace(precision='bf16'))
   bf16_run = runner.run(f'{sched_opt}_lr{best_lr:g}_bf16', bf16_cfg, group='precision',
                         optimizer=sched_opt, schedule=base.optim.schedule)
-  log('timing f32 vs bf16 train steps ...')
-  timing = time_precisions(f32_cfg, runner.workdir, xcfg.timing_steps, xcfg.timing_rounds)
+  timing_path = os.path.join(runner.workdir, f'timing-{config_key(f32_cfg)}.json')
+  if os.path.exists(timing_path):
+    with open(timing_path) as f:
+      timing = json.load(f)
+  else:
+    log('timing f32 vs bf16 train steps ...')
+    timing = time_precisions(f32_cfg, runner.workdir, xcfg.timing_steps, xcfg.timing_rounds)
+    with open(timing_path, 'w') as f:
+      json.dump(timing, f)
   log(f'timing: f32 {timing["f32"]["median_s_per_step"]:.4f} s/step, bf16 '
       f'{timing["bf16"]["median_s_per_step"]:.4f} s/step ({timing["bf16_over_f32"]:.2f}x)')
 
+  if part == 'main':
+    log(f'main part done in {time.perf_counter() - t0:.0f} s')
+    return
   first = optimizers[0]
   results = {
       'setup': dict(model=base.model.name, parameters=first['parameters'], batch_size=base.data.batch_size,
