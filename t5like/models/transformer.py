@@ -128,7 +128,9 @@ class LayerStack(nn.Module):
     scanned = nn.scan(group_cls, variable_axes={'params': 0}, split_rngs={'params': True,
                                                                           'dropout': True},
                       in_axes=(0,) + (nn.broadcast,) * len(broadcast_args), length=G,
-                      metadata_params={nn.PARTITION_NAME: 'layers'})
+                      metadata_params={nn.PARTITION_NAME: 'layers'},
+                      # Decoding steps unroll the layers: static weight slices, no loop overhead.
+                      unroll=G if dict(self.layer_kwargs).get('mode') == STEP else 1)
     piped = pipeline.maybe_pipeline(self, group_cls(cfg, self.layer_cls, R, self.layer_kwargs,
                                                     parent=None), x, cache, broadcast_args)
     if piped is not None:   # a pipeline over the mesh's 'stage' axis (t5like/parallel/pipeline.py)
@@ -211,8 +213,7 @@ class Decoder(nn.Module):
       x = nn.Dropout(cfg.dropout_rate)(embed(tokens_BT), deterministic=deterministic)
       x = constrain(x, ('batch', 'length', 'embed'))
       x, _ = stack(x, None, bias, cross_bias, encoded_BSD, (rope_pos_BT, rope_pos_BT), None)
-      x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-      return self._logits(embed, x)
+      return self._logits(embed, x, deterministic)
 
     if mode != STEP:
       raise ValueError(f'unknown decoder mode {mode!r}')
@@ -234,9 +235,10 @@ class Decoder(nn.Module):
     new_cache = dict(cache, **new_layer_cache, index=index_B + T)
     return self._logits(embed, x), new_cache
 
-  def _logits(self, embed: Embed, x_BTD):
+  def _logits(self, embed: Embed, x_BTD, deterministic=True):
     cfg = self.cfg
     x_BTD = RMSNorm(cfg, name='final_norm')(x_BTD)
+    x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)  # after the norm, as T5
     if cfg.tie_embeddings:
       logits = embed.attend(x_BTD * (cfg.d_model ** -0.5))
     else:
