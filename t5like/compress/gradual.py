@@ -96,6 +96,27 @@ def prune_during_training(inner: optax.GradientTransformation,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def keep_masks(inner: optax.GradientTransformation, masks) -> optax.GradientTransformationExtraArgs:
+  """Wraps `inner` so that the weights `masks` (True = kept) removes stay exactly zero: fine-tuning
+  after one-shot pruning. The masks sit in the state (`masks_of` finds them) and never change."""
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return GradualPruneState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.asarray, masks),
+                             inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError('keep_masks: tx.update needs params (pruned weights are driven to zero)')
+    grads = prune.apply_masks(updates, state.masks)
+    new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+    new_updates = jax.tree.map(lambda u, p, m: jnp.where(m, u, -p.astype(u.dtype)),
+                               new_updates, params, state.masks)
+    return new_updates, GradualPruneState(state.count + 1, state.masks, inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def masks_of(opt_state):
   """The masks tree held in an optimizer state (searched through chains and wrappers)."""
   found = []

@@ -51,6 +51,7 @@ def shrink(params, masks, cfg: ModelConfig):
   attn, mlp = prune.attention_modules(flat), prune.mlp_modules(flat)
   present = {m: np.asarray(v) for m, v in prune.unit_masks_of(params, masks, attn + mlp).items()}
   tied = set(prune.relpos_tied_modules(params, attn))
+  own = dict(present)                         # before tying: for the padding count
   for m in tied:
     present[m] = np.broadcast_to(present[m].any(0), present[m].shape)
 
@@ -64,7 +65,7 @@ def shrink(params, masks, cfg: ModelConfig):
   for mod in attn + mlp:
     k = k_heads if mod in attn else k_ff
     idx = _select(present[mod], k)
-    pad = int(k * present[mod].shape[0] - np.minimum(present[mod].sum(1), k).sum())
+    pad = int(k * own[mod].shape[0] - own[mod].sum())
     report['padded_heads' if mod in attn else 'padded_neurons'] += pad
     for path, axis in prune.unit_members(flat, mod):
       new[path] = _gather(flat[path], idx, axis)
