@@ -49,6 +49,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/optimizers', 'Cache of runs and the tokenizer.')
 _RESULTS = flags.DEFINE_string('results', os.path.join(_HERE, 'results'), 'Output folder.')
+_CACHED_ONLY = flags.DEFINE_bool('cached_only', False,
+                                  'Assemble the outputs from finished runs only; list the rest.')
 _PART = flags.DEFINE_enum('part', 'all', ['all', 'sweep', 'main'],
                           "'sweep' / 'main': one of two cooperating processes (module docstring).")
 
@@ -71,8 +73,14 @@ class Runner:
     self.cache_dir = os.path.join(self.workdir, 'results')
     os.makedirs(self.cache_dir, exist_ok=True)
 
+  def cached_path(self, name: str, cfg: config_lib.TrainConfig) -> str:
+    return os.path.join(self.cache_dir, f'{name}-{config_key(cfg)}.json')
+
+  def is_cached(self, name: str, cfg: config_lib.TrainConfig) -> bool:
+    return os.path.exists(self.cached_path(name, cfg))
+
   def run(self, name: str, cfg: config_lib.TrainConfig, **labels) -> dict:
-    cached = os.path.join(self.cache_dir, f'{name}-{config_key(cfg)}.json')
+    cached = self.cached_path(name, cfg)
     if os.path.exists(cached):
       with open(cached) as f:
         result = json.load(f)
@@ -245,9 +253,9 @@ def markdown(results: dict) -> str:
     best = min(rows, key=lambda r: r['final_val_loss'])['learning_rate']
     out.append(f'| {opt} | {cells}{pad} | {best:g} |')
   p = results.get('precision')
-  if p:
+  if p and p.get('f32') and p.get('bf16') and p.get('timing'):
     t = p['timing']
-    out += ['', '## Precision (same run, adamw cosine)', '',
+    out += ['', f'## Precision (same run, adamw cosine, lr {p["f32"]["learning_rate"]:g})', '',
             '| policy | final val loss | s/step (interleaved timing, median) |', '|---|---|---|',
             f'| f32 | {p["f32"]["final_val_loss"]:.4f} | {t["f32"]["median_s_per_step"]:.4f} |',
             f'| bf16 | {p["bf16"]["final_val_loss"]:.4f} | {t["bf16"]["median_s_per_step"]:.4f} |',
@@ -255,6 +263,14 @@ def markdown(results: dict) -> str:
             f'({t["cpu_count"]} cores, 1-min load average {t["load_average_1min"]:.1f} at the '
             f'end). bf16 validation loss differs from f32 by '
             f'{100 * (p["bf16"]["final_val_loss"] / p["f32"]["final_val_loss"] - 1):+.2f}%.']
+  if p and p.get('f32') and p.get('bf16'):
+    f, b = p['f32'], p['bf16']
+    out += ['', f'Same two runs in the trainer (median over logging intervals, not interleaved): '
+            f'f32 {fmt(f["median_step_s"], ".4f")} s/step, bf16 {fmt(b["median_step_s"], ".4f")} '
+            f's/step; final validation loss f32 {f["final_val_loss"]:.4f}, bf16 '
+            f'{b["final_val_loss"]:.4f}.']
+  if results.get('not_run'):
+    out += ['', 'Not run (time budget of the shared CPU): ' + ', '.join(results['not_run']) + '.']
   return '\n'.join(out) + '\n'
 
 
@@ -305,22 +321,42 @@ def main(argv):
   sched_opt = xcfg.schedule_optimizer
   if sched_opt not in xcfg.sweep:
     raise ValueError(f'schedule_optimizer={sched_opt!r} is not in the sweep {list(xcfg.sweep)}')
-  part = _PART.value
-  sweep, optimizers = {}, []
-  for name, lrs in xcfg.sweep.items():
-    if (part == 'sweep') == (name == sched_opt) and part != 'all':
-      continue
-    rows = []
-    for lr in lrs:
-      cfg = dataclasses.replace(base, optim=optimizer_optim(base.optim, name, lr))
-      rows.append(runner.run(f'{name}_lr{lr:g}', cfg, group='sweep', optimizer=name,
-                             schedule=base.optim.schedule))
-    sweep[name] = rows
-    optimizers.append(min(rows, key=lambda r: r['final_val_loss']))
+  part, not_run = _PART.value, []
 
+  def run(name, cfg, **labels):
+    if _CACHED_ONLY.value and not runner.is_cached(name, cfg):
+      not_run.append(name)
+      return None
+    return runner.run(name, cfg, **labels)
+
+  def sweep_of(names):
+    """Round-robin over the sweep values: every optimizer's first value before any second."""
+    rows = {n: [] for n in names}
+    for i in range(max(len(xcfg.sweep[n]) for n in names)):
+      for n in names:
+        if i < len(xcfg.sweep[n]):
+          lr = xcfg.sweep[n][i]
+          cfg = dataclasses.replace(base, optim=optimizer_optim(base.optim, n, lr))
+          r = run(f'{n}_lr{lr:g}', cfg, group='sweep', optimizer=n, schedule=base.optim.schedule)
+          if r is not None:
+            rows[n].append(r)
+    return {n: sorted(v, key=lambda r: r['learning_rate']) for n, v in rows.items() if v}
+
+  others = [n for n in xcfg.sweep if n != sched_opt]
   if part == 'sweep':
+    sweep_of(others)
     log(f'sweep part done in {time.perf_counter() - t0:.0f} s')
     return
+  # 'bf16' against 'f32': schedule_optimizer at config.precision_lr (its first sweep value, which
+  # runs first), so that the comparison does not wait for the rest of the sweep.
+  plr = xcfg.precision_lr
+  f32_cfg = dataclasses.replace(base, optim=optimizer_optim(base.optim, sched_opt, plr))
+  f32_run = run(f'{sched_opt}_lr{plr:g}', f32_cfg, group='sweep', optimizer=sched_opt,
+                schedule=base.optim.schedule)
+  bf16_cfg = dataclasses.replace(f32_cfg, model=f32_cfg.model.replace(precision='bf16'))
+  bf16_run = run(f'{sched_opt}_lr{plr:g}_bf16', bf16_cfg, group='precision',
+                 optimizer=sched_opt, schedule=base.optim.schedule)
+  sweep = sweep_of([sched_opt])
   best_lr = min(sweep[sched_opt], key=lambda r: r['final_val_loss'])['learning_rate']
   best_optim = optimizer_optim(base.optim, sched_opt, best_lr)
   notes = {'rsqrt': f'lr x sqrt(warmup={base.optim.warmup_steps}): same peak',
@@ -332,37 +368,38 @@ def main(argv):
   schedules = []
   for sched in xcfg.schedules:
     cfg = dataclasses.replace(base, optim=schedule_optim(xcfg, best_optim, sched, best_lr))
-    r = dict(runner.run(f'{sched_opt}_{sched}_lr{best_lr:g}' if sched != base.optim.schedule
-                        else f'{sched_opt}_lr{best_lr:g}', cfg, group='schedule',
-                        optimizer=sched_opt, schedule=sched))
-    r['schedule'] = sched
+    r = run(f'{sched_opt}_{sched}_lr{best_lr:g}' if sched != base.optim.schedule
+            else f'{sched_opt}_lr{best_lr:g}', cfg, group='schedule', optimizer=sched_opt,
+            schedule=sched)
+    if r is None:
+      continue
+    r = dict(r, schedule=sched)
     note = notes.get(sched, '')
     if sched == 'plateau' and r.get('plateau_reductions') is not None:
       note += f'; {r["plateau_reductions"]} reduction(s)'
     r['note'] = note
     schedules.append(r)
 
-  f32_cfg = dataclasses.replace(base, optim=best_optim)
-  f32_run = runner.run(f'{sched_opt}_lr{best_lr:g}', f32_cfg, group='schedule',
-                       optimizer=sched_opt, schedule=base.optim.schedule)
-  bf16_cfg = dataclasses.replace(f32_cfg, model=f32_cfg.model.replace(precision='bf16'))
-  bf16_run = runner.run(f'{sched_opt}_lr{best_lr:g}_bf16', bf16_cfg, group='precision',
-                        optimizer=sched_opt, schedule=base.optim.schedule)
   timing_path = os.path.join(runner.workdir, f'timing-{config_key(f32_cfg)}.json')
+  timing = None
   if os.path.exists(timing_path):
     with open(timing_path) as f:
       timing = json.load(f)
-  else:
+  elif not _CACHED_ONLY.value:
     log('timing f32 vs bf16 train steps ...')
     timing = time_precisions(f32_cfg, runner.workdir, xcfg.timing_steps, xcfg.timing_rounds)
     with open(timing_path, 'w') as f:
       json.dump(timing, f)
-  log(f'timing: f32 {timing["f32"]["median_s_per_step"]:.4f} s/step, bf16 '
-      f'{timing["bf16"]["median_s_per_step"]:.4f} s/step ({timing["bf16_over_f32"]:.2f}x)')
+  if timing:
+    log(f'timing: f32 {timing["f32"]["median_s_per_step"]:.4f} s/step, bf16 '
+        f'{timing["bf16"]["median_s_per_step"]:.4f} s/step ({timing["bf16_over_f32"]:.2f}x)')
 
   if part == 'main':
     log(f'main part done in {time.perf_counter() - t0:.0f} s')
     return
+  sweep = {**sweep_of(others), **sweep}
+  sweep = {n: sweep[n] for n in xcfg.sweep if n in sweep}
+  optimizers = [min(rows, key=lambda r: r['final_val_loss']) for rows in sweep.values()]
   first = optimizers[0]
   results = {
       'setup': dict(model=base.model.name, parameters=first['parameters'], batch_size=base.data.batch_size,
@@ -375,6 +412,7 @@ def main(argv):
       'sweep': sweep, 'optimizers': optimizers, 'schedule_optimizer': sched_opt,
       'schedule_lr': best_lr, 'schedules': schedules,
       'precision': {'f32': f32_run, 'bf16': bf16_run, 'timing': timing},
+      'not_run': not_run,
       'wall_s': round(time.perf_counter() - t0, 1)}
   os.makedirs(_RESULTS.value, exist_ok=True)
   stem = os.path.join(_RESULTS.value, 'optimizers')

@@ -63,7 +63,12 @@ def sharded_init(fn: Callable, mesh: Mesh, rules, *args):
   """(unboxed output of fn(*args) placed by its logical names, its shardings)."""
   abstract = jax.eval_shape(fn, *args)
   shardings = logical_shardings(abstract, mesh, rules)
-  unboxed_fn = lambda *a: nn.unbox(fn(*a))
+  # Unboxed without the boxes' logical constraints: `out_shardings` places every leaf, and a box
+  # copied from a parameter onto a reshaped optimizer statistic (Adafactor's factored rows and
+  # columns) names more axes than the statistic has, which `with_logical_constraint` rejects.
+  unboxed_fn = lambda *a: jax.tree.map(
+      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+      fn(*a), is_leaf=lambda x: isinstance(x, nn.Partitioned))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     out = jax.jit(unboxed_fn, out_shardings=shardings)(*args)
   return out, shardings
