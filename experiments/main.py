@@ -23,6 +23,9 @@ _CONFIG = config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Experiment 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder; default ./runs/<config name>.')
 
 
+_USER_ERRORS: tuple = ()
+
+
 def config_name(flag_value: str) -> str:
   path, _, arg = flag_value.partition(':')
   stem = os.path.splitext(os.path.basename(path))[0]
@@ -39,10 +42,24 @@ def main(argv):
       'T5LIKE_COMPILATION_CACHE', os.path.expanduser('~/.cache/t5like/jax')))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   from t5like.train import loop  # after flag parsing: jax starts here
-  cfg = config_lib.from_dict(config_lib.TrainConfig, _CONFIG.value.to_dict())
+  from t5like.data import corpus, objectives, pipeline, tokenizer
+  from t5like.train import checkpoint, metrics
+  global _USER_ERRORS
+  _USER_ERRORS = (config_lib.ConfigError, corpus.CorpusError, tokenizer.TokenizerError,
+                  objectives.ObjectiveError, pipeline.PipelineError, checkpoint.CheckpointError,
+                  metrics.NonFiniteLossError)
+  try:
+    cfg = config_lib.from_dict(config_lib.TrainConfig, _CONFIG.value.to_dict())
+  except config_lib.ConfigError as e:
+    print(f'error: ConfigError: {e}', file=sys.stderr)
+    sys.exit(1)
   workdir = _WORKDIR.value or os.path.join('runs', config_name(flags.FLAGS['config'].serialize()
                                                                .partition('=')[2] or DEFAULT_CONFIG))
-  summary = loop.train(cfg, workdir)
+  try:
+    summary = loop.train(cfg, workdir)
+  except _USER_ERRORS as e:  # bad config, data or checkpoint: one clear line, exit status 1
+    print(f'error: {type(e).__name__}: {e}', file=sys.stderr)
+    sys.exit(1)
   print()
   for prompt, text in summary.get('samples', []):
     print(f'  prompt: {prompt}\n  model:  {text}\n')

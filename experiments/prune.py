@@ -111,20 +111,27 @@ def main(argv=None):
   ft_optim = config_lib.OptimConfig(learning_rate=args.finetune_lr, warmup_steps=0,
                                     schedule='constant')
 
-  def finetune(p, tx):
-    state = TrainState(step=jnp.zeros([], jnp.int32), params=p, opt_state=tx.init(p),
+  base_tx = make_optimizer(ft_optim, None, args.finetune_steps)
+  steps = {}
+
+  def finetune(p, tx, init_tx=None):
+    """Fine-tunes p; `tx` is the jitted update, `init_tx` (same state structure) builds the state.
+    One compile for every fixed-mask run: the masks are state, not closure."""
+    init_tx = init_tx or tx
+    state = TrainState(step=jnp.zeros([], jnp.int32), params=p, opt_state=init_tx.init(p),
                        rng=jax.random.PRNGKey(0),
                        loss_scale=precision.make_loss_scale(precision.get_policy(mcfg.precision)))
-    step = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx))
+    if id(tx) not in steps:
+      steps[id(tx)] = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx))
     for b in ft_batches:
-      state, _ = step(state, b)
+      state, _ = steps[id(tx)](state, b)
     return state.params, state.opt_state
 
   dense_loss = val_loss(params)
   print(f'dense validation loss {dense_loss:.4f}')
-  base_tx = make_optimizer(ft_optim, None, args.finetune_steps)
+  masked_tx = gradual.keep_masks(base_tx, prune.ones_masks(params))
   # The dense model fine-tuned the same number of steps: the reference for "after".
-  dense_ft, _ = finetune(params, gradual.keep_masks(base_tx, prune.ones_masks(params)))
+  dense_ft, _ = finetune(params, masked_tx)
   results = {'model': {k: getattr(mcfg, k) for k in ('d_model', 'num_heads', 'head_dim', 'd_ff',
                                                      'num_encoder_layers', 'num_decoder_layers',
                                                      'vocab_size')},
@@ -168,7 +175,7 @@ def main(argv=None):
                                                                 norm='l2'))
         pruned = prune.apply_masks(params, masks)
         before = val_loss(pruned)
-        tuned, _ = finetune(pruned, gradual.keep_masks(base_tx, masks))
+        tuned, _ = finetune(pruned, masked_tx, gradual.keep_masks(base_tx, masks))
       row = {'method': method, 'target_sparsity': s,
              'sparsity': round(prune.sparsity(masks, names)['total'], 4),
              'val_loss_before_ft': before, 'val_loss_after_ft': val_loss(tuned),

@@ -16,9 +16,9 @@ import ml_collections
 from t5like import config as config_lib
 
 
-def _base(variant: str, **model_overrides) -> ml_collections.ConfigDict:
-  cfg = config_lib.to_dict(config_lib.TrainConfig(
-      model=config_lib.get_variant(variant, **model_overrides)))
+def _base(variant: str, name: str = '', **model_overrides) -> ml_collections.ConfigDict:
+  model = config_lib.get_variant(variant, **model_overrides)
+  cfg = config_lib.to_dict(config_lib.TrainConfig(model=model.replace(name=name or variant)))
   return ml_collections.ConfigDict(cfg)
 
 
