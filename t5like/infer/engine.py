@@ -217,8 +217,9 @@ class Engine:
     self._wake.set()
 
   def _key_for(self, request: Request) -> np.ndarray:
+    # jax.random.PRNGKey(seed)'s raw threefry key, built on the host: no device op per request.
     seed = request.params.seed if request.params.seed is not None else request.id + 1
-    return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
+    return np.array([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF], np.uint32)
 
   def _sampling_arrays(self, p: SamplingParams):
     return (np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p))

@@ -1,0 +1,171 @@
+"""The continuous-batching engine: equal to decode.greedy per request, no head-of-line blocking,
+slot reuse, cancel / timeout, bad input, shutdown and freeing memory."""
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from t5like.config import get_variant
+from t5like.infer import decode
+from t5like.infer.engine import (Engine, EngineError, QueueFull, Request, RequestTooLong,
+                                 SamplingParams)
+from t5like.models import init_params
+
+KW = dict(num_slots=3, prompt_buckets=(8, 16), max_new_tokens=12, max_queue=16)
+_init = jax.jit(init_params, static_argnums=0)
+
+
+class Collector:
+  def __init__(self):
+    self.tokens, self.reason = [], None
+    self.done = threading.Event()
+
+  def __call__(self, kind, value):
+    if kind == 'token':
+      self.tokens.append(value)
+    else:
+      self.reason = value
+      self.done.set()
+
+
+def request(prompt, max_tokens=KW['max_new_tokens'], **kw):
+  c = Collector()
+  timeout = kw.pop('timeout_s', None)
+  return Request(list(prompt), SamplingParams(max_tokens=max_tokens, temperature=kw.pop('temperature', 0.0), **kw),
+                 c, timeout_s=timeout), c
+
+
+@pytest.fixture(scope='module', params=['t5_tiny', 'decoder_tiny'])
+def model(request):
+  cfg = get_variant(request.param)
+  params = _init(cfg, jax.random.key(3))
+  engine = Engine(params, cfg, name=request.param, **KW)
+  engine.start()
+  yield params, cfg, engine
+  engine.close()
+
+
+PROMPTS = [[5, 6, 7], [9, 3, 4, 10, 11, 12, 13, 14, 15, 40], [100, 200], [7] * 5, [42, 43, 44, 45],
+           [300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310, 311, 312], [17]]
+
+
+def test_concurrent_greedy_equals_greedy_alone(model):
+  params, cfg, engine = model
+  reqs = [request(p, max_tokens=m) for p, m in zip(PROMPTS, [12, 5, 12, 3, 12, 8, 12])]
+  for r, _ in reqs:   # 7 requests for 3 slots: slots are reused while others run
+    engine.submit(r)
+  for r, c in reqs:
+    assert c.done.wait(120), r.id
+  for (r, c), prompt in zip(reqs, PROMPTS):
+    padded = np.zeros((1, 16), np.int32)
+    padded[0, :len(prompt)] = prompt
+    out = decode.greedy(params, cfg, padded, KW['max_new_tokens'])
+    want = [int(t) for t in np.asarray(out.tokens[0, :int(out.lengths[0])])]
+    if cfg.eos_id in want:
+      want = want[:want.index(cfg.eos_id)]
+      assert c.reason == 'stop' or len(c.tokens) == r.params.max_tokens
+    assert c.tokens == want[:r.params.max_tokens], (prompt, c.reason)
+    assert c.reason in ('stop', 'length') and r.output_ids == c.tokens
+    assert r.submitted_at <= r.started_at <= r.first_token_at <= r.finished_at
+  s = engine.stats()
+  assert s['running'] == 0 and s['waiting'] == 0 and s['slots_in_use'] == 0
+
+
+def test_long_request_does_not_block_short_ones(model):
+  _, cfg, engine = model
+  stop = cfg.vocab_size + 5    # out-of-vocab stop id: never matched
+  long, lc = request([5, 6, 7], max_tokens=KW['max_new_tokens'])
+  engine.submit(long)
+  shorts = [request([8, 9], max_tokens=1) for _ in range(4)]
+  for r, _ in shorts:
+    engine.submit(r)
+  for r, c in shorts:
+    assert c.done.wait(60)
+  assert lc.done.wait(60)
+  finished = sorted([long] + [r for r, _ in shorts], key=lambda r: r.finished_at)
+  if lc.reason == 'length':   # it ran its 12 tokens: the 1-token requests overtook it
+    assert finished[-1] is long
+  assert all(c.reason in ('length', 'stop') for _, c in shorts) and stop > 0
+
+
+def test_cancel_timeout_and_queued_cancel(model):
+  _, _, engine = model
+  running = [request([5, 6, 7]) for _ in range(KW['num_slots'])]
+  for r, _ in running:
+    engine.submit(r)
+  queued, qc = request([8, 9])
+  engine.submit(queued)
+  engine.cancel(queued)
+  assert qc.done.wait(30) and qc.reason == 'abort'
+  assert queued.started_at is None and qc.tokens == []
+  engine.cancel(running[0][0])
+  assert running[0][1].done.wait(30) and running[0][1].reason in ('abort', 'stop', 'length')
+  for r, c in running[1:]:
+    c.done.wait(60)
+  timed, tc = request([5, 6, 7], timeout_s=1e-4)
+  engine.submit(timed)
+  assert tc.done.wait(30) and tc.reason == 'timeout'
+
+
+def test_broken_consumer_does_not_stop_the_engine(model):
+  _, _, engine = model
+  def boom(kind, value):
+    raise RuntimeError('consumer failed')
+  bad = Request([5, 6], SamplingParams(max_tokens=4, temperature=0.0), boom)
+  engine.submit(bad)
+  ok, c = request([5, 6], max_tokens=4)
+  engine.submit(ok)
+  assert c.done.wait(60) and c.reason in ('length', 'stop')
+  assert engine.alive
+
+
+def test_seeded_sampling_is_reproducible(model):
+  _, _, engine = model
+  outs = []
+  for _ in range(2):
+    r, c = request([5, 6, 7], max_tokens=8, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    engine.submit(r)
+    assert c.done.wait(60)
+    outs.append(c.tokens)
+  assert outs[0] == outs[1]
+
+
+def test_bad_input(model):
+  _, cfg, engine = model
+  sp = SamplingParams(max_tokens=4)
+  with pytest.raises(ValueError, match='empty'):
+    engine.submit(Request([], sp, Collector()))
+  with pytest.raises(RequestTooLong, match='17 tokens.*16'):
+    engine.submit(Request([5] * 17, sp, Collector()))
+  with pytest.raises(ValueError, match='out of range'):
+    engine.submit(Request([5, cfg.vocab_size], sp, Collector()))
+  for m in (0, KW['max_new_tokens'] + 1):
+    with pytest.raises(ValueError, match='max_tokens'):
+      engine.submit(Request([5], SamplingParams(max_tokens=m), Collector()))
+  with pytest.raises(ValueError, match='top_p'):
+    engine.submit(Request([5], SamplingParams(top_p=0.0), Collector()))
+  with pytest.raises(ValueError, match='positive'):
+    Engine(None, cfg, num_slots=0)
+
+
+def test_queue_full_shutdown_and_close(model):
+  params, cfg, _ = model
+  params = jax.tree.map(lambda x: x + 0, params)   # its own copy: close() deletes it
+  engine = Engine(params, cfg, name='second', **{**KW, 'max_queue': 2})
+  reqs = [request([5, 6, 7]) for _ in range(2)]
+  for r, _ in reqs:
+    engine.submit(r)          # not started yet: they wait
+  with pytest.raises(QueueFull, match='2 waiting'):
+    engine.submit(request([5])[0])
+  engine.start()              # shares the first engine's compiled steps
+  time.sleep(0.05)
+  engine.shutdown(drain_timeout_s=0.0)
+  for r, c in reqs:
+    assert c.done.wait(10) and c.reason in ('abort', 'length', 'stop')
+  with pytest.raises(EngineError, match='shutting down'):
+    engine.submit(request([5])[0])
+  leaves = jax.tree.leaves(params)
+  engine.close()
+  assert all(x.is_deleted() for x in leaves) and engine.params is None
