@@ -51,6 +51,8 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/optimizers', 'Cache of runs and 
 _RESULTS = flags.DEFINE_string('results', os.path.join(_HERE, 'results'), 'Output folder.')
 _CACHED_ONLY = flags.DEFINE_bool('cached_only', False,
                                   'Assemble the outputs from finished runs only; list the rest.')
+_REVERSE = flags.DEFINE_bool('reverse', False, "'sweep' part: take the runs in reverse order "
+                              '(a second sweep process; runs are claimed, never duplicated).')
 _PART = flags.DEFINE_enum('part', 'all', ['all', 'sweep', 'main'],
                           "'sweep' / 'main': one of two cooperating processes (module docstring).")
 
@@ -79,13 +81,20 @@ class Runner:
   def is_cached(self, name: str, cfg: config_lib.TrainConfig) -> bool:
     return os.path.exists(self.cached_path(name, cfg))
 
-  def run(self, name: str, cfg: config_lib.TrainConfig, **labels) -> dict:
+  def run(self, name: str, cfg: config_lib.TrainConfig, claim: bool = False, **labels):
+    """The run's result; None when `claim` and another process has claimed the run."""
     cached = self.cached_path(name, cfg)
     if os.path.exists(cached):
       with open(cached) as f:
         result = json.load(f)
       log(f'{name}: cached (final validation loss {result["final_val_loss"]:.4f})')
       return result
+    if claim:
+      try:
+        os.close(os.open(cached + '.claim', os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+      except FileExistsError:
+        log(f'{name}: claimed by another process, skipped')
+        return None
     from t5like.train import loop, metrics as metrics_lib
     wd = os.path.join(self.workdir, 'runs', name)
     shutil.rmtree(wd, ignore_errors=True)       # a fresh run, never a resume of another config
@@ -327,19 +336,18 @@ def main(argv):
     if _CACHED_ONLY.value and not runner.is_cached(name, cfg):
       not_run.append(name)
       return None
-    return runner.run(name, cfg, **labels)
+    return runner.run(name, cfg, claim=part != 'all', **labels)
 
   def sweep_of(names):
     """Round-robin over the sweep values: every optimizer's first value before any second."""
     rows = {n: [] for n in names}
-    for i in range(max(len(xcfg.sweep[n]) for n in names)):
-      for n in names:
-        if i < len(xcfg.sweep[n]):
-          lr = xcfg.sweep[n][i]
-          cfg = dataclasses.replace(base, optim=optimizer_optim(base.optim, n, lr))
-          r = run(f'{n}_lr{lr:g}', cfg, group='sweep', optimizer=n, schedule=base.optim.schedule)
-          if r is not None:
-            rows[n].append(r)
+    order = [(n, xcfg.sweep[n][i]) for i in range(max(len(xcfg.sweep[n]) for n in names))
+             for n in names if i < len(xcfg.sweep[n])]
+    for n, lr in (order[::-1] if _REVERSE.value else order):
+      cfg = dataclasses.replace(base, optim=optimizer_optim(base.optim, n, lr))
+      r = run(f'{n}_lr{lr:g}', cfg, group='sweep', optimizer=n, schedule=base.optim.schedule)
+      if r is not None:
+        rows[n].append(r)
     return {n: sorted(v, key=lambda r: r['learning_rate']) for n, v in rows.items() if v}
 
   others = [n for n in xcfg.sweep if n != sched_opt]
