@@ -51,8 +51,8 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/optimizers', 'Cache of runs and 
 _RESULTS = flags.DEFINE_string('results', os.path.join(_HERE, 'results'), 'Output folder.')
 _CACHED_ONLY = flags.DEFINE_bool('cached_only', False,
                                   'Assemble the outputs from finished runs only; list the rest.')
-_REVERSE = flags.DEFINE_bool('reverse', False, "'sweep' part: take the runs in reverse order "
-                              '(a second sweep process; runs are claimed, never duplicated).')
+_REVERSE = flags.DEFINE_bool('reverse', False, "'sweep' part: take the optimizers in reverse "
+                              'order (a second sweep process; runs are claimed, never duplicated).')
 _PART = flags.DEFINE_enum('part', 'all', ['all', 'sweep', 'main'],
                           "'sweep' / 'main': one of two cooperating processes (module docstring).")
 
@@ -341,9 +341,10 @@ def main(argv):
   def sweep_of(names):
     """Round-robin over the sweep values: every optimizer's first value before any second."""
     rows = {n: [] for n in names}
+    take = names[::-1] if _REVERSE.value else names
     order = [(n, xcfg.sweep[n][i]) for i in range(max(len(xcfg.sweep[n]) for n in names))
-             for n in names if i < len(xcfg.sweep[n])]
-    for n, lr in (order[::-1] if _REVERSE.value else order):
+             for n in take if i < len(xcfg.sweep[n])]
+    for n, lr in order:
       cfg = dataclasses.replace(base, optim=optimizer_optim(base.optim, n, lr))
       r = run(f'{n}_lr{lr:g}', cfg, group='sweep', optimizer=n, schedule=base.optim.schedule)
       if r is not None:
