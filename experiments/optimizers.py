@@ -102,6 +102,9 @@ class Runner:
     lines = []
     summary = loop.train(cfg, wd, print_fn=lines.append)
     wall = time.perf_counter() - t
+    if summary.get('interrupted'):   # SIGTERM / SIGINT: the trainer checkpointed and returned
+      raise SystemExit(f'{name}: interrupted by {summary["interrupted"]} at step '
+                       f'{summary["final_step"]}; not recorded (rerun to redo it)')
     records = metrics_lib.read_jsonl(summary['metrics_file'])
     train = [r for r in records if r['split'] == 'train']
     evals = [r for r in records if r['split'] == 'eval']
@@ -166,8 +169,10 @@ def schedule_optim(xcfg, base_optim: config_lib.OptimConfig, schedule: str, lr: 
                                plateau_patience=p.plateau_patience, plateau_rtol=p.plateau_rtol)
   if schedule == 'rsqrt':
     lr = lr * max(base_optim.warmup_steps, 1) ** 0.5
-  return dataclasses.replace(base_optim, learning_rate=lr, schedule=schedule,
-                             wsd_decay_fraction=xcfg.wsd_decay_fraction)
+  if schedule == 'wsd':
+    base_optim = dataclasses.replace(base_optim, wsd_decay_fraction=xcfg.wsd_decay_fraction)
+  # (the cosine row is then exactly the sweep's run, and is reused from the cache)
+  return dataclasses.replace(base_optim, learning_rate=lr, schedule=schedule)
 
 
 def optimizer_optim(base_optim: config_lib.OptimConfig, name: str, lr: float):
