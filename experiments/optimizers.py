@@ -25,7 +25,8 @@ experiment resumes; the SentencePiece model is trained once into <workdir>/token
 every run. `--part` splits the work between two processes on the same workdir (on a shared
 machine, two processes get twice the CPU share): 'sweep' runs the sweep of every optimizer but
 `config.schedule_optimizer`, 'main' that optimizer's sweep, the schedules and the precision runs;
-'all' (the default) runs whatever is not cached yet and writes the outputs.
+'timing' only the interleaved bf16 / f32 timing; 'all' (the default) runs whatever is not cached
+yet and writes the outputs.
 """
 import dataclasses
 import hashlib
@@ -53,7 +54,7 @@ _CACHED_ONLY = flags.DEFINE_bool('cached_only', False,
                                   'Assemble the outputs from finished runs only; list the rest.')
 _REVERSE = flags.DEFINE_bool('reverse', False, "'sweep' part: take the optimizers in reverse "
                               'order (a second sweep process; runs are claimed, never duplicated).')
-_PART = flags.DEFINE_enum('part', 'all', ['all', 'sweep', 'main'],
+_PART = flags.DEFINE_enum('part', 'all', ['all', 'sweep', 'main', 'timing'],
                           "'sweep' / 'main': one of two cooperating processes (module docstring).")
 
 
@@ -356,6 +357,22 @@ def main(argv):
         rows[n].append(r)
     return {n: sorted(v, key=lambda r: r['learning_rate']) for n, v in rows.items() if v}
 
+  def precision_timing(f32_cfg):
+    timing_path = os.path.join(runner.workdir, f'timing-{config_key(f32_cfg)}.json')
+    timing = None
+    if os.path.exists(timing_path):
+      with open(timing_path) as f:
+        timing = json.load(f)
+    elif not _CACHED_ONLY.value:
+      log('timing f32 vs bf16 train steps ...')
+      timing = time_precisions(f32_cfg, runner.workdir, xcfg.timing_steps, xcfg.timing_rounds)
+      with open(timing_path, 'w') as f:
+        json.dump(timing, f)
+    if timing:
+      log(f'timing: f32 {timing["f32"]["median_s_per_step"]:.4f} s/step, bf16 '
+          f'{timing["bf16"]["median_s_per_step"]:.4f} s/step ({timing["bf16_over_f32"]:.2f}x)')
+    return timing
+
   others = [n for n in xcfg.sweep if n != sched_opt]
   if part == 'sweep':
     sweep_of(others)
@@ -365,6 +382,9 @@ def main(argv):
   # runs first), so that the comparison does not wait for the rest of the sweep.
   plr = xcfg.precision_lr
   f32_cfg = dataclasses.replace(base, optim=optimizer_optim(base.optim, sched_opt, plr))
+  if part == 'timing':
+    precision_timing(f32_cfg)
+    return
   f32_run = run(f'{sched_opt}_lr{plr:g}', f32_cfg, group='sweep', optimizer=sched_opt,
                 schedule=base.optim.schedule)
   bf16_cfg = dataclasses.replace(f32_cfg, model=f32_cfg.model.replace(precision='bf16'))
@@ -394,20 +414,7 @@ def main(argv):
     r['note'] = note
     schedules.append(r)
 
-  timing_path = os.path.join(runner.workdir, f'timing-{config_key(f32_cfg)}.json')
-  timing = None
-  if os.path.exists(timing_path):
-    with open(timing_path) as f:
-      timing = json.load(f)
-  elif not _CACHED_ONLY.value:
-    log('timing f32 vs bf16 train steps ...')
-    timing = time_precisions(f32_cfg, runner.workdir, xcfg.timing_steps, xcfg.timing_rounds)
-    with open(timing_path, 'w') as f:
-      json.dump(timing, f)
-  if timing:
-    log(f'timing: f32 {timing["f32"]["median_s_per_step"]:.4f} s/step, bf16 '
-        f'{timing["bf16"]["median_s_per_step"]:.4f} s/step ({timing["bf16_over_f32"]:.2f}x)')
-
+  timing = precision_timing(f32_cfg)
   if part == 'main':
     log(f'main part done in {time.perf_counter() - t0:.0f} s')
     return
