@@ -114,3 +114,15 @@ def run(args) -> dict:
       result[f'torch_b{b}_new_tokens_per_s'] = round(tps, 2)
       result[f'speedup_b{b}'] = round(result[f'b{b}_new_tokens_per_s'] / tps, 2)
   return result
+
+
+def main(argv=None):
+  import argparse
+  import json
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_args(parser)
+  print(json.dumps(run(parser.parse_args(argv))))
+
+
+if __name__ == '__main__':
+  main()
