@@ -30,6 +30,6 @@ setup(
                 'nbformat>=5.10,<6', 'ipykernel>=7,<8'],
         'parity': ['torch==2.13.0', 'transformers>=5,<6'],
         'serve': ['fastapi>=0.115,<1', 'uvicorn>=0.30,<1', 'prometheus_client>=0.21,<1',
-                  'httpx>=0.28,<1', 'openai>=1.50,<4'],
+                  'httpx>=0.28,<1', 'openai>=1.50,<4', 'flatbuffers>=24,<26'],
     },
 )

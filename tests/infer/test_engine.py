@@ -145,7 +145,7 @@ def test_bad_input(model):
     with pytest.raises(ValueError, match='max_tokens'):
       engine.submit(Request([5], SamplingParams(max_tokens=m), Collector()))
   with pytest.raises(ValueError, match='top_p'):
-    engine.submit(Request([5], SamplingParams(top_p=0.0), Collector()))
+    engine.submit(Request([5], SamplingParams(max_tokens=4, top_p=0.0), Collector()))
   with pytest.raises(ValueError, match='positive'):
     Engine(None, cfg, num_slots=0)
 

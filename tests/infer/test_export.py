@@ -40,7 +40,8 @@ def test_exported_step_in_a_fresh_process(tmp_path, variant):
     logits, c = step(params, c, tok)
     want.append(np.asarray(logits))
     tok = jnp.argmax(logits, -1).astype(jnp.int32)
-  leaves, treedef = jax.tree.flatten((params, cache))
+  tok0 = jnp.array([[3], [4]], jnp.int32)
+  leaves = jax.tree.leaves((params, cache, tok0))
   np.savez(tmp_path / 'inputs.npz', *[np.asarray(x) for x in leaves])
   # The fresh process imports only jax and numpy; it gets the pytree structure from the artefact.
   script = textwrap.dedent(f'''
@@ -49,8 +50,8 @@ def test_exported_step_in_a_fresh_process(tmp_path, variant):
         exp = jax.export.deserialize(bytearray(f.read()))
       z = np.load({str(tmp_path / 'inputs.npz')!r})
       leaves = [z[f'arr_{{i}}'] for i in range(len(z.files))]
-      params, cache = jax.tree.unflatten(exp.in_tree.children()[0], leaves)
-      tok, out = jnp.array([[3], [4]], jnp.int32), []
+      params, cache, tok = jax.tree.unflatten(exp.in_tree.children()[0], leaves)
+      out = []
       for _ in range({STEPS}):
         logits, cache = exp.call(params, cache, tok)
         out.append(np.asarray(logits))
@@ -62,8 +63,7 @@ def test_exported_step_in_a_fresh_process(tmp_path, variant):
                  env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin'})
   got = np.load(tmp_path / 'out.npy')
   np.testing.assert_allclose(got, np.stack(want), rtol=1e-5, atol=1e-5)
-  assert exp.in_tree == jax.tree.structure(((params, cache, tok), {}))
-  del treedef
+  assert exp.in_tree == jax.tree.structure(((params, cache, tok0), {}))
 
 
 def test_encdec_needs_encoder_len():
