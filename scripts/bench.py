@@ -1,32 +1,116 @@
-"""Benchmarks, one JSON object each on stdout:
+"""Benchmarks with JSON output (never timed tests).
 
-  python scripts/bench.py train    # t5_small training step: tokens/s, model FLOPs, MFU
-  python scripts/bench.py decode   # greedy decoding: new tokens/s at batch 1 and 8
-  python scripts/bench.py quant    # decoding with int8 / int4 / dynamic int8 against f32
-  python scripts/bench.py prune    # forward and decode speed of surgically pruned models
+  python scripts/bench.py train [--variant=t5_small --batch=8 --inputs=128 --targets=128
+                                 --steps=5 --compare_torch]
 
-Each subcommand lives in scripts/bench_<name>.py; `--help` after the name lists its options.
-Speed is measured here, never asserted in tests; report ratios measured in one run.
+`train`: one JSON object with the median step time, tokens/s (inputs + targets), the exact matmul
+FLOPs of a step (t5like.models.flops), the f32 matmul peak measured in the same run, and the MFU;
+with --compare_torch also the same figures for transformers' PyTorch T5 with torch.optim.AdamW on
+the same config and machine, and the speed ratio.
 """
-import importlib
+from __future__ import annotations
+
+import argparse
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-SUBCOMMANDS = ('train', 'decode', 'quant', 'prune')
+import benchlib  # noqa: E402
 
 
-def main(argv):
-  if not argv or argv[0] not in SUBCOMMANDS:
-    print(__doc__, file=sys.stderr)
-    sys.exit(f'choose a benchmark: {", ".join(SUBCOMMANDS)}')
-  module = importlib.import_module(f'bench_{argv[0]}')
-  sys.argv = [f'bench_{argv[0]}.py'] + list(argv[1:])   # each main parses sys.argv
-  module.main()
+def _synthetic_batch(B, S, T, V, seed=0):
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  return dict(encoder_input_tokens=rng.integers(2, V, (B, S)).astype(np.int32),
+              decoder_input_tokens=rng.integers(2, V, (B, T)).astype(np.int32),
+              decoder_target_tokens=rng.integers(2, V, (B, T)).astype(np.int32),
+              decoder_loss_weights=np.ones((B, T), np.float32))
+
+
+def bench_train(args) -> dict:
+  import jax
+  from t5like.config import MeshConfig, OptimConfig, get_variant
+  from t5like.models import build_model, flops
+  from t5like.optim import make_optimizer
+  from t5like.parallel.mesh import get_rules, make_mesh
+  from t5like.train import metrics, state as state_lib, step as step_lib
+
+  cfg = get_variant(args.variant, precision='f32', dropout_rate=0.0, remat_policy='none')
+  B, S, T = args.batch, args.inputs, args.targets
+  mesh = make_mesh(MeshConfig(), jax.devices()[:1])
+  rules = get_rules('dp')
+  tx = make_optimizer(OptimConfig(name='adamw', warmup_steps=0, schedule='constant',
+                                  clip_grad_norm=0.0), None, 1000)
+  state, shardings = state_lib.create_train_state(cfg, tx, mesh, rules, 0)
+  batch = _synthetic_batch(B, S, T, cfg.vocab_size)
+  with step_lib.mesh_context(mesh, rules):
+    fn = step_lib.jit_train_step(model=build_model(cfg), tx=tx, state_shardings=shardings,
+                                 batch_shardings=step_lib.batch_shardings(mesh, batch), mesh=mesh)
+    batch = jax.device_put(batch, step_lib.batch_shardings(mesh, batch))
+    holder = [state]
+
+    def one():
+      holder[0], m = fn(holder[0], batch)
+      jax.block_until_ready(m)
+
+    times = benchlib.time_calls(one, warmup=2, repeats=args.steps)
+  peak = metrics.measure_peak_flops()
+  step_s = benchlib.median(times)
+  model_flops = flops.train_step_flops(cfg, B, S, T)
+  out = {'bench': 'train', 'variant': args.variant, 'batch': B, 'inputs': S, 'targets': T,
+         'dtype': 'float32', 'optimizer': 'adamw', 'step_s': step_s, 'step_s_all': times,
+         'tokens_per_s': B * (S + T) / step_s, 'model_flops_per_step': model_flops,
+         'peak_flops_per_s': peak, 'mfu': model_flops / step_s / peak,
+         'devices': jax.device_count(), 'backend': jax.default_backend()}
+  if args.compare_torch:
+    t_step = _torch_step_s(cfg, B, S, T, args.steps)
+    out.update(torch_step_s=t_step, torch_tokens_per_s=B * (S + T) / t_step,
+               speedup_vs_torch=t_step / step_s)
+  return out
+
+
+def _torch_step_s(cfg, B, S, T, steps) -> float:
+  import torch
+  from transformers import T5Config, T5ForConditionalGeneration
+  tc = T5Config(vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.head_dim, d_ff=cfg.d_ff,
+                num_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
+                num_heads=cfg.num_heads, dropout_rate=0.0, feed_forward_proj=cfg.ffn_activation,
+                tie_word_embeddings=cfg.tie_embeddings)
+  torch.manual_seed(0)
+  model = T5ForConditionalGeneration(tc).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  b = _synthetic_batch(B, S, T, cfg.vocab_size)
+  inp = torch.from_numpy(b['encoder_input_tokens']).long()
+  dec = torch.from_numpy(b['decoder_input_tokens']).long()
+  lab = torch.from_numpy(b['decoder_target_tokens']).long()
+
+  def one():
+    opt.zero_grad(set_to_none=True)
+    loss = model(input_ids=inp, decoder_input_ids=dec, labels=lab).loss
+    loss.backward()
+    opt.step()
+
+  return benchlib.median(benchlib.time_calls(one, warmup=2, repeats=steps))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest='command', required=True)
+  p = sub.add_parser('train', help='t5_small training step throughput and MFU')
+  p.add_argument('--variant', default='t5_small')
+  p.add_argument('--batch', type=int, default=8)
+  p.add_argument('--inputs', type=int, default=128)
+  p.add_argument('--targets', type=int, default=128)
+  p.add_argument('--steps', type=int, default=5, help='timed steps (after 2 warm-up steps)')
+  p.add_argument('--compare_torch', action='store_true',
+                 help="also time transformers' PyTorch T5 on the same config")
+  p.set_defaults(fn=bench_train)
+  args = parser.parse_args(argv)
+  benchlib.emit(args.fn(args))
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  main()
