@@ -6,18 +6,12 @@ import pytest
 
 from t5like.compress import prune
 from t5like.config import ConfigError, get_variant
-from t5like.models import init_params
+from prune_testutil import lm_batch, random_params
 
 
 @pytest.fixture(scope='module')
 def params():
-  return init_params(get_variant('t5_1_1_tiny'), jax.random.key(0))
-
-
-def _batch(cfg, key=1, B=2, T=8):
-  tok = jax.random.randint(jax.random.key(key), (B, T), 2, cfg.vocab_size)
-  return dict(encoder_input_tokens=tok, decoder_input_tokens=tok, decoder_target_tokens=tok,
-              decoder_loss_weights=jnp.ones((B, T), jnp.float32))
+  return random_params(get_variant('t5_1_1_tiny'))
 
 
 def test_prunable_selection_defaults_and_regex(params):
@@ -126,7 +120,7 @@ def test_structured_global_counts(params):
 def test_gradient_scores_taylor_snip(params):
   mcfg = get_variant('t5_1_1_tiny')
   loss_fn = prune.model_loss_fn(mcfg)
-  batches = [_batch(mcfg, 1), _batch(mcfg, 2)]
+  batches = [lm_batch(mcfg, 1), lm_batch(mcfg, 2)]
   cfg = prune.PruneConfig(method='taylor', sparsity=0.5)
   grad = jax.jit(jax.grad(loss_fn))
   scores = prune.gradient_scores(params, loss_fn, batches, cfg, grad)
