@@ -3,6 +3,10 @@
   python scripts/bench.py train [--variant=t5_small --batch=8 --inputs=128 --targets=128
                                  --steps=5 --compare_torch]
 
+  python scripts/bench.py decode [--compare_torch]   # scripts/bench_decode.py
+  python scripts/bench.py quant                      # scripts/bench_quant.py
+  python scripts/bench.py prune                      # scripts/bench_prune.py
+
 `train`: one JSON object with the median step time, tokens/s (inputs + targets), the exact matmul
 FLOPs of a step (t5like.models.flops), the f32 matmul peak measured in the same run, and the MFU;
 with --compare_torch also the same figures for transformers' PyTorch T5 with torch.optim.AdamW on
@@ -108,6 +112,24 @@ def main(argv=None):
   p.add_argument('--compare_torch', action='store_true',
                  help="also time transformers' PyTorch T5 on the same config")
   p.set_defaults(fn=bench_train)
+  import bench_decode
+  import bench_prune
+  import bench_quant
+  p = sub.add_parser('decode', help='greedy decoding new tokens/s at batch 1 and 8')
+  bench_decode.add_args(p)
+  p.set_defaults(fn=bench_decode.run)
+  p = sub.add_parser('prune', help='forward / decode speed of surgically pruned models')
+  bench_prune.add_args(p)
+  p.set_defaults(fn=bench_prune.run)
+  p = sub.add_parser('quant', help='decoding with int8 / int4 / dynamic int8 against f32')
+  p.add_argument('--variant', default='t5_small')
+  p.add_argument('--batch', type=int, default=1)
+  p.add_argument('--source_len', type=int, default=32)
+  p.add_argument('--new_tokens', type=int, default=32)
+  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--settings', default=','.join(bench_quant.SETTINGS))
+  p.set_defaults(fn=lambda a: bench_quant.quant(a.variant, a.batch, a.source_len, a.new_tokens,
+                                                 a.repeats, a.settings.split(',')))
   args = parser.parse_args(argv)
   benchlib.emit(args.fn(args))
 
