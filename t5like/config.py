@@ -57,6 +57,9 @@ class ModelConfig:
     _check_choice('model.weight_quant', self.weight_quant, ('none', 'int8', 'int4'))
     _check_choice('model.activation_quant', self.activation_quant, ('none', 'dynamic', 'static'))
     _check_choice('model.qat', self.qat, ('none', 'int8', 'int4'))
+    _check_choice('model.precision', self.precision, ('f32', 'bf16', 'pure_bf16', 'fp16'))
+    _check_choice('model.remat_policy', self.remat_policy,
+                  ('none', 'full', 'dots', 'dots_with_no_batch_dims', 'save_nothing_but_params'))
     for f in ('vocab_size', 'd_model', 'num_heads', 'head_dim', 'd_ff'):
       if getattr(self, f) <= 0:
         raise ConfigError(f'model.{f} must be positive, got {getattr(self, f)}')

@@ -328,7 +328,12 @@ def dummy_inputs(cfg: ModelConfig, batch: int = 1, length: int = 8):
 
 
 def init_params(cfg: ModelConfig, rng, batch: int = 1, length: int = 8):
-  """Initialised parameters (boxed logical-partitioning metadata removed)."""
+  """Initialised parameters (boxed logical-partitioning metadata removed), jitted."""
+  return _init_params(cfg, rng, batch, length)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_params(cfg, rng, batch, length):
   variables = build_model(cfg).init(rng, *dummy_inputs(cfg, batch, length))
   return nn.unbox(variables['params'])
 

@@ -204,7 +204,7 @@ def _run(config, config_dict, workdir, mesh, rules, model, tx, schedule, ckpt, t
                              'parameters': n_params, 'peak_flops_per_s': peak,
                              'flops_per_step': flops_per_step}
   num_steps = config.num_steps
-  with step_lib.mesh_context(mesh, rules), _StopOnSignal() as stop:
+  with step_lib.mesh_context(mesh, rules, config.mesh), _StopOnSignal() as stop:
     if start == 0:
       val = run_eval(state.params)
       writer.write(0, val, 'eval')
@@ -278,7 +278,7 @@ def _run(config, config_dict, workdir, mesh, rules, model, tx, schedule, ckpt, t
   if summary['interrupted'] is None and config.num_samples:
     _, val_docs = pipeline.load_splits(config.data)
     prompts = samples_lib.held_out_prompts(val_docs, config.num_samples)
-    with step_lib.mesh_context(mesh, rules):
+    with step_lib.mesh_context(mesh, rules, config.mesh):
       summary['samples'] = samples_lib.sample_continuations(
           state.params, config.model, config.data, tokenizer, prompts,
           max_new_tokens=config.sample_tokens, seed=config.seed,

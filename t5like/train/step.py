@@ -198,7 +198,9 @@ def jit_eval_step(*, model: nn.Module, params_shardings, batch_shardings: Mappin
 
 
 @contextlib.contextmanager
-def mesh_context(mesh: Mesh, rules):
-  """The mesh and the logical-axis rules the models' activation constraints resolve against."""
-  with mesh, nn.logical_axis_rules(rules):
+def mesh_context(mesh: Mesh, rules, mesh_cfg=None):
+  """The mesh (jax.set_mesh), the logical-axis rules the models' activation constraints resolve
+  against, and the pipeline schedule when the mesh has stages (t5like.parallel.mesh.activate)."""
+  from t5like.parallel import mesh as mesh_lib
+  with mesh_lib.activate(mesh, rules, mesh_cfg):
     yield

@@ -527,10 +527,11 @@ def test_remat_is_in_the_program():
   assert not prims0 & {'checkpoint', 'remat', 'remat2'}
 
 
-def test_unknown_remat_policy_is_an_error():
-  cfg = cfg_of('decoder_rope', remat_policy='sometimes')
-  with pytest.raises(ValueError, match=r"remat_policy 'sometimes'.*'dots'"):
-    jax.eval_shape(build_model(cfg).init, jax.random.key(0), *model_inputs(cfg))
+def test_unknown_remat_policy_or_precision_is_a_config_error():
+  with pytest.raises(ConfigError, match=r"remat_policy='sometimes'.*'dots'"):
+    cfg_of('decoder_rope', remat_policy='sometimes')
+  with pytest.raises(ConfigError, match=r"precision='f8'.*'bf16'"):
+    cfg_of('decoder_rope', precision='f8')
 
 
 # ----------------------------------------------------------------------------- configs
