@@ -28,6 +28,7 @@ with finish_reason "abort".
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -257,10 +258,19 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
   async def _api_error(_req, e: ApiError):
     return _error_response(e)
 
-  @app.exception_handler(Exception)
-  async def _unexpected(_req, e: Exception):
-    log.exception('request failed')
-    return _error_response(ApiError(500, f'internal error: {type(e).__name__}: {e}'))
+  def guarded(fn):
+    """Turns an unexpected exception into a 500 of this request (handled here, so the
+    connection and the server carry on)."""
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+      try:
+        return await fn(*args, **kwargs)
+      except ApiError:
+        raise
+      except Exception as e:
+        log.exception('request failed')
+        raise ApiError(500, f'internal error: {type(e).__name__}: {e}') from None
+    return wrapper
 
   def reject(model: str, reason: str, e: ApiError):
     metrics.rejections.labels(model, reason).inc()
@@ -268,6 +278,7 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
 
   # ---- completions -------------------------------------------------------------------------------
   @app.post(COMPLETIONS)
+  @guarded
   async def completions(request: Request):
     body = await request.body()
     try:
@@ -359,11 +370,13 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
             'owned_by': 't5like'}
 
   @app.get('/v1/models')
+  @guarded
   async def list_models():
     names = sorted({m.name for m in registry.all_versions() if m.serving})
     return {'object': 'list', 'data': [model_object(n) for n in names]}
 
   @app.get('/v1/models/{name}')
+  @guarded
   async def get_model(name: str, request: Request):
     request.scope['t5like.model'] = name
     try:
@@ -409,14 +422,17 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
     return {'model': name, 'model_version_status': status}
 
   @app.post('/admin/models/{name}/load')
+  @guarded
   async def admin_load(name: str, request: Request):
     return await admin(request, name, registry.load)
 
   @app.post('/admin/models/{name}/unload')
+  @guarded
   async def admin_unload(name: str, request: Request):
     return await admin(request, name, registry.unload)
 
   @app.post('/admin/reload')
+  @guarded
   async def admin_reload(request: Request):
     check_admin(request)
     await run_in_threadpool(registry.reload)
