@@ -24,18 +24,20 @@ def _base(variant: str, name: str = '', **model_overrides) -> ml_collections.Con
 
 def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   if arg == 'default':
-    cfg = _base('t5_small', d_model=192, num_heads=4, head_dim=48, d_ff=768,
-                num_encoder_layers=3, num_decoder_layers=3, dropout_rate=0.0, name='t5_shakespeare')
+    # Sized for a 2-core CPU: at this scale a smaller model seeing more tokens learns fastest
+    # per second (measured: d128 2+2 reaches a lower loss in the same time than d192 3+3).
+    cfg = _base('t5_small', d_model=128, num_heads=4, head_dim=32, d_ff=512,
+                num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0, name='t5_shakespeare')
     cfg.data.objective = 'span_corruption'
     cfg.data.inputs_length = 128
     cfg.data.batch_size = 32
-    cfg.num_steps = 250
+    cfg.num_steps = 1000
     cfg.optim.learning_rate = 3e-3
-    cfg.optim.warmup_steps = 25
+    cfg.optim.warmup_steps = 50
     cfg.log_every = 10
-    cfg.eval_every = 125
+    cfg.eval_every = 250
     cfg.eval_batches = 8
-    cfg.checkpoint_every = 125
+    cfg.checkpoint_every = 250
   elif arg == 'tiny':
     cfg = _base('t5_tiny')
     cfg.data.inputs_length = 64
