@@ -4,7 +4,8 @@
   sample(params, cfg, inputs, max_new_tokens, rng, temperature=1.0, top_k=0, top_p=1.0)
   beam_search(params, cfg, encoder_tokens, max_new_tokens, num_beams=4, alpha=0.6)
 
-`inputs` are encoder tokens [B, S] (0 = padding) for an encoder-decoder model, or right-padded
+`params` may be in the training layout or the decoding one (`prepare_params`, once per model: saves
+a copy of the decoder weights per call). `inputs` are encoder tokens [B, S] (0 = padding) for an encoder-decoder model, or right-padded
 prompts [B, P] for a decoder-only model (each row's prompt ends at its last non-zero token).
 Every row stops at its own EOS (later positions hold 0) unless `stop_at_eos=False`; the loop ends
 when all rows are done. Shape letters: B batch, K beams, S source, P prompt, T new tokens, V vocab.
@@ -19,6 +20,16 @@ import jax.numpy as jnp
 
 from t5like.config import ModelConfig
 from t5like.models import build_model, init_cache
+from t5like.models.transformer import unroll_for_decoding, unroll_params
+
+
+def prepare_params(cfg: ModelConfig, params):
+  """The parameters in the decoding layout (per-layer decoder weights), for repeated decoding.
+
+  Every function here accepts either layout; one that gets the training layout splits it on
+  each call (a copy of the decoder weights). A server does this once when it loads a model.
+  """
+  return jax.jit(unroll_params, static_argnums=0)(cfg, params)
 
 
 class Decoded(NamedTuple):
@@ -55,6 +66,25 @@ def prompt_lengths(prompts_BP):
   return jnp.where(nonzero.any(axis=1), last, 1).astype(jnp.int32)
 
 
+def argmax(logits_BV):
+  """jnp.argmax over the last axis (lowest index on ties) as two plain reductions.
+
+  XLA:CPU runs the (value, index) pair reduction of jnp.argmax about 8x slower than a max; this
+  is a max, then the smallest index holding it. Rows with NaN give index 0.
+  """
+  V = logits_BV.shape[-1]
+  top_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+  iota = jax.lax.broadcasted_iota(jnp.int32, logits_BV.shape, logits_BV.ndim - 1)
+  idx_B = jnp.min(jnp.where(logits_BV == top_B1, iota, V), axis=-1)
+  return jnp.where(idx_B == V, 0, idx_B).astype(jnp.int32)
+
+
+def token_logprob(logits_BV, tok_B):
+  """log_softmax(logits)[tok] without materialising the [B, V] log-probabilities."""
+  picked_B = jnp.take_along_axis(logits_BV, tok_B[:, None], axis=1)[:, 0]
+  return picked_B - jax.nn.logsumexp(logits_BV, axis=-1)
+
+
 def _step(params, cfg, tokens_B, cache):
   logits_B1V, cache = build_model(cfg).apply({'params': params}, tokens_B[:, None], cache,
                                              method='decode_step')
@@ -78,37 +108,46 @@ def filter_logits(logits_BV, temperature: float, top_k: int, top_p: float):
 
 
 def _loop(params, cfg, inputs, max_new_tokens, select, stop_at_eos, rng):
+  params = unroll_params(cfg, params)
   cache, logits_BV = _prefill(params, cfg, inputs, max_new_tokens)
+  params, cache = unroll_for_decoding(cfg, params, cache)
   B = inputs.shape[0]
 
-  def cond(state):
-    i, _, _, _, done_B, _, _ = state
-    return (i < max_new_tokens) & ~jnp.all(done_B)
-
-  def body(state):
-    i, cache, logits_BV, out_BT, done_B, lengths_B, score_B = state
+  def emit(i, logits_BV, out_BT, done_B, lengths_B, score_B):
+    """Chooses token i of every row from its logits and records it (0 once a row is done)."""
     tok_B = select(logits_BV, jax.random.fold_in(rng, i))
-    logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV), tok_B[:, None], axis=1)[:, 0]
+    logp_B = token_logprob(logits_BV, tok_B)
     tok_B = jnp.where(done_B, 0, tok_B)
     score_B = score_B + jnp.where(done_B, 0.0, logp_B)
     lengths_B = lengths_B + (~done_B).astype(jnp.int32)
     out_BT = jax.lax.dynamic_update_slice_in_dim(out_BT, tok_B[:, None], i, axis=1)
     if stop_at_eos:
       done_B = done_B | (tok_B == cfg.eos_id)
-    more = (i + 1 < max_new_tokens) & ~jnp.all(done_B)
-    logits_BV, cache = jax.lax.cond(more, lambda c: _step(params, cfg, tok_B, c),
-                                    lambda c: (logits_BV, c), cache)
+    return tok_B, out_BT, done_B, lengths_B, score_B
+
+  # The loop emits tokens 0..T-2, each followed by a decoding step; the last token is emitted
+  # after it. No conditional inside the body, so XLA can hoist loop-invariant weight slices.
+  def cond(state):
+    i, _, _, _, done_B, _, _ = state
+    return (i < max_new_tokens - 1) & ~jnp.all(done_B)
+
+  def body(state):
+    i, cache, logits_BV, out_BT, done_B, lengths_B, score_B = state
+    tok_B, out_BT, done_B, lengths_B, score_B = emit(i, logits_BV, out_BT, done_B, lengths_B,
+                                                     score_B)
+    logits_BV, cache = _step(params, cfg, tok_B, cache)
     return i + 1, cache, logits_BV, out_BT, done_B, lengths_B, score_B
 
   state = (jnp.int32(0), cache, logits_BV, jnp.zeros((B, max_new_tokens), jnp.int32),
            jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.float32))
-  _, _, _, out_BT, _, lengths_B, score_B = jax.lax.while_loop(cond, body, state)
+  i, _, logits_BV, out_BT, done_B, lengths_B, score_B = jax.lax.while_loop(cond, body, state)
+  _, out_BT, _, lengths_B, score_B = emit(i, logits_BV, out_BT, done_B, lengths_B, score_B)
   return Decoded(out_BT, lengths_B, score_B)
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'stop_at_eos'))
 def greedy(params, cfg: ModelConfig, inputs, max_new_tokens: int, stop_at_eos: bool = True):
-  select = lambda logits_BV, _: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  select = lambda logits_BV, _: argmax(logits_BV)
   return _loop(params, cfg, inputs, max_new_tokens, select, stop_at_eos, jax.random.key(0))
 
 
@@ -119,7 +158,7 @@ def sample(params, cfg: ModelConfig, inputs, max_new_tokens: int, rng, temperatu
   def select(logits_BV, key):
     filtered = filter_logits(logits_BV, temperature, top_k, top_p)
     drawn = jax.random.categorical(key, filtered, axis=-1)
-    return jnp.where(temperature <= 0, jnp.argmax(logits_BV, -1), drawn).astype(jnp.int32)
+    return jnp.where(temperature <= 0, argmax(logits_BV), drawn).astype(jnp.int32)
   return _loop(params, cfg, inputs, max_new_tokens, select, stop_at_eos, rng)
 
 
@@ -150,7 +189,9 @@ def beam_search(params, cfg: ModelConfig, encoder_tokens, max_new_tokens: int,
     raise ValueError('beam_search supports encoder-decoder models; use greedy or sample for '
                      f'decoder-only model {cfg.name!r}')
   B, K, T = encoder_tokens.shape[0], num_beams, max_new_tokens
+  params = unroll_params(cfg, params)
   cache, logits_BV = _prefill(params, cfg, encoder_tokens, T, batch_repeat=K)
+  params, cache = unroll_for_decoding(cfg, params, cache)
   neg_inf = jnp.float32(-1e9)
   # Only the first beam is live at the start, so the K initial copies don't duplicate results.
   alive_logp_BK = jnp.tile(jnp.array([0.0] + [-1e9] * (K - 1), jnp.float32), (B, 1))

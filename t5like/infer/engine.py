@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5like.config import ModelConfig
+from t5like.infer import decode
 from t5like.infer.decode import prompt_lengths
 from t5like.models import build_model, init_cache
 
@@ -76,10 +77,10 @@ def _insert_row(slot_tree, row_tree, slot):
   """Writes a one-row cache into row `slot` (K/V leaves keep the batch on axis 1)."""
   def put(dst, src):
     axis = 1 if dst.ndim == 5 else 0
-    if src.shape[axis + 1:] != dst.shape[axis + 1:] and dst.ndim >= 2:
-      # Encoder K/V and mask of a shorter bucket: pad the source length with masked zeros.
-      pad = [(0, 0)] * src.ndim
-      pad[axis + 1] = (0, dst.shape[axis + 1] - src.shape[axis + 1])
+    # Encoder K/V and mask of a shorter bucket: pad the source length (the one axis besides the
+    # batch that can differ) with masked zeros.
+    pad = [(0, 0) if d == axis else (0, dst.shape[d] - src.shape[d]) for d in range(src.ndim)]
+    if any(hi for _, hi in pad):
       src = jnp.pad(src, pad)
     return jax.lax.dynamic_update_slice_in_dim(dst, src.astype(dst.dtype), slot, axis=axis)
   return jax.tree.map(put, slot_tree, row_tree)
@@ -87,7 +88,7 @@ def _insert_row(slot_tree, row_tree, slot):
 
 def sample_rows(logits_RV, temperature_R, top_k_R, top_p_R, keys_R):
   """Per-row temperature / top-k / top-p sampling; rows with temperature <= 0 are greedy."""
-  greedy_R = jnp.argmax(logits_RV, axis=-1).astype(jnp.int32)
+  greedy_R = decode.argmax(logits_RV)
 
   def draw(_):
     V = logits_RV.shape[-1]
@@ -167,7 +168,7 @@ class Engine:
       self._cache = init_cache(cfg, num_slots, max_new_tokens + 1, self.max_prompt_len)
     else:
       self._cache = init_cache(cfg, num_slots, self.max_prompt_len + max_new_tokens + 1)
-    self._cache_len = int(self._cache['self_k'].shape[2])
+    self._cache_len = int(self._cache['self_v'].shape[3])
     R = num_slots
     self._tokens = np.zeros((R,), np.int32)
     self._temp = np.zeros((R,), np.float32)

@@ -2,6 +2,10 @@
 
 Shape letters: B batch, T query length, S key length, D d_model, N heads, H head dim.
 
+Cached keys are [B, N, H, S] and cached values [B, N, S, H] (decoding): in these layouts both
+attention products read the cache in place, where [B, S, N, H] costs XLA a transposed copy of
+every layer's cache on every step (T5X keeps keys [B, N, H, S] for the same reason).
+
 T5 does not scale attention logits by 1/sqrt(H); the query projection's initialisation carries
 that factor instead. Masks are folded into one additive float32 bias [B, N, T, S].
 """
@@ -76,10 +80,26 @@ def mask_to_bias(mask_BTS):
   return jnp.where(mask_BTS, 0.0, NEG_INF).astype(jnp.float32)[:, None]
 
 
-def write_cache(cache_BSNH, new_BTNH, index_B):
-  """Writes `new` into each row's cache at that row's own offset (slots decode independently)."""
-  update = lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0)
-  return jax.vmap(update)(cache_BSNH, new_BTNH.astype(cache_BSNH.dtype), index_B)
+def keys_to_cache(k_BSNH):
+  return jnp.transpose(k_BSNH, (0, 2, 3, 1))    # [B, N, H, S]
+
+
+def values_to_cache(v_BSNH):
+  return jnp.swapaxes(v_BSNH, 1, 2)             # [B, N, S, H]
+
+
+def write_cache(cache, new_BTNH, index_B, *, keys: bool):
+  """Writes `new` into each row's cache at that row's own offset (slots decode independently).
+
+  cache: keys [B, N, H, S] or values [B, N, S, H]. A scatter rather than a per-row
+  dynamic_update_slice: XLA updates it in place inside a decoding loop, where the vmapped
+  slice update costs three copies of the cache per step. Positions past the end are dropped.
+  """
+  B, T = new_BTNH.shape[:2]
+  pos_BT = index_B[:, None] + jnp.arange(T, dtype=index_B.dtype)
+  row_BT = jnp.broadcast_to(jnp.arange(B, dtype=index_B.dtype)[:, None], (B, T))
+  at = cache.at[row_BT, :, :, pos_BT] if keys else cache.at[row_BT, :, pos_BT, :]
+  return at.set(new_BTNH.astype(cache.dtype), mode='drop', unique_indices=True)
 
 
 class Attention(nn.Module):
@@ -101,33 +121,46 @@ class Attention(nn.Module):
   def project_kv(self, kv_BSD):
     return self.key(kv_BSD), self.value(kv_BSD)
 
+  def project_kv_cache(self, kv_BSD):
+    """Keys [B, N, H, S] and values [B, N, S, H], the cache layouts."""
+    k_BSNH, v_BSNH = self.project_kv(kv_BSD)
+    return keys_to_cache(k_BSNH), values_to_cache(v_BSNH)
+
   def __call__(self, x_BTD, bias_BNTS, deterministic: bool, *, kv_BSD=None, kv=None,
                rope_q_pos=None, rope_k_pos=None, cache=None, cache_index_B=None):
     """Attention output [B, T, D] and the updated (k, v) cache (None without a cache).
 
-    kv: precomputed (k_BSNH, v_BSNH) for cross-attention; cache: (k_BSNH, v_BSNH) buffers that
+    kv: precomputed (k_BNHS, v_BNSH) for cross-attention; cache: (k_BNHS, v_BNSH) buffers that
     this call's keys and values are written into at `cache_index_B` before attending.
     """
     cfg = self.cfg
     policy = policy_of(cfg)
     q_BTNH = self.query(x_BTD)
     if kv is not None:
-      k_BSNH, v_BSNH = kv
+      k, v = kv
     else:
-      k_BSNH, v_BSNH = self.project_kv(x_BTD if kv_BSD is None else kv_BSD)
+      k, v = self.project_kv(x_BTD if kv_BSD is None else kv_BSD)
     if rope_q_pos is not None:
       q_BTNH = rope(q_BTNH, rope_q_pos, cfg.rope_max_wavelength)
-      k_BSNH = rope(k_BSNH, rope_k_pos, cfg.rope_max_wavelength)
+      k = rope(k, rope_k_pos, cfg.rope_max_wavelength)
     new_cache = None
     if cache is not None:
-      k_BSNH = write_cache(cache[0], k_BSNH, cache_index_B)
-      v_BSNH = write_cache(cache[1], v_BSNH, cache_index_B)
-      new_cache = (k_BSNH, v_BSNH)
+      k = write_cache(cache[0], k, cache_index_B, keys=True)
+      v = write_cache(cache[1], v, cache_index_B, keys=False)
+      # One updated buffer for both the attention and the returned cache: without the barrier XLA
+      # duplicates the update into each consumer and copies the cache to do so.
+      k, v = jax.lax.optimization_barrier((k, v))
+      new_cache = (k, v)
+    cached = kv is not None or cache is not None
+    k_spec, v_spec = ('BNHS', 'BNSH') if cached else ('BSNH', 'BSNH')
     q_BTNH = constrain(q_BTNH, ('batch', 'length', 'heads', 'kv'))
-    k_BSNH = constrain(k_BSNH, ('batch', 'length', 'heads', 'kv'))
-    logits_BNTS = jnp.einsum('BTNH,BSNH->BNTS', q_BTNH, k_BSNH.astype(q_BTNH.dtype),
+    k = constrain(k, tuple(_AXES[c] for c in k_spec))
+    logits_BNTS = jnp.einsum(f'BTNH,{k_spec}->BNTS', q_BTNH, k.astype(q_BTNH.dtype),
                              preferred_element_type=jnp.float32)
     probs_BNTS = jax.nn.softmax(logits_BNTS + bias_BNTS, axis=-1).astype(policy.compute_dtype)
     probs_BNTS = self.dropout(probs_BNTS, deterministic=deterministic)
-    ctx_BTNH = jnp.einsum('BNTS,BSNH->BTNH', probs_BNTS, v_BSNH.astype(probs_BNTS.dtype))
+    ctx_BTNH = jnp.einsum(f'BNTS,{v_spec}->BTNH', probs_BNTS, v.astype(probs_BNTS.dtype))
     return self.out(ctx_BTNH), new_cache
+
+
+_AXES = {'B': 'batch', 'N': 'heads', 'S': 'length', 'H': 'kv'}

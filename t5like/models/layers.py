@@ -88,8 +88,20 @@ class Einsum(nn.Module):
     if self.cfg.activation_quant != 'none':
       return quantize.dynamic_einsum(self.spec, x, kernel.astype(policy.compute_dtype), self.cfg,
                                      self.contract_dims, out_f32=self.out_f32)
-    return jnp.einsum(self.spec, x, kernel.astype(policy.compute_dtype),
-                      preferred_element_type=jnp.float32 if self.out_f32 else None)
+    kernel = kernel.astype(policy.compute_dtype)
+    if self.contract_dims > 1:
+      # One contracted axis in row-major order: a multi-axis contraction lets XLA pick an axis
+      # order that transposes the whole kernel on every call (seen on CPU while decoding).
+      c = self.contract_dims
+      x = x.reshape(x.shape[:-c] + (-1,))
+      kernel = kernel.reshape((-1,) + kernel.shape[c:])
+      ins, out = self.spec.split('->')
+      x_spec, k_spec = ins.split(',')
+      k = next(ch for ch in 'KCZ' if ch not in self.spec)
+      spec = f'{x_spec[:-c]}{k},{k}{k_spec[c:]}->{out}'
+    else:
+      spec = self.spec
+    return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32 if self.out_f32 else None)
 
 
 class Embed(nn.Module):

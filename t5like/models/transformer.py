@@ -57,7 +57,7 @@ class DecoderLayer(nn.Module):
     if cross:
       cross_attention = Attention(cfg, name='cross_attention')
     if self.mode == CROSS_KV:
-      k, v = cross_attention.project_kv(encoded_BSD)
+      k, v = cross_attention.project_kv_cache(encoded_BSD)
       return x_BTD, {'cross_k': k, 'cross_v': v}
     step = self.mode == STEP
     rope_q = rope_k = None
@@ -77,7 +77,6 @@ class DecoderLayer(nn.Module):
       if step:
         kv = (layer_cache['cross_k'], layer_cache['cross_v'])
         h, _ = cross_attention(h, cross_bias_BNTS, det, kv=kv)
-        new_cache.update(cross_k=kv[0], cross_v=kv[1])
       else:
         h, _ = cross_attention(h, cross_bias_BNTS, det, kv_BSD=encoded_BSD)
       x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h, deterministic=det)
@@ -97,12 +96,20 @@ class LayerGroup(nn.Module):
   def __call__(self, x, group_cache, *args):
     layer = self.layer_cls(self.cfg, name='layer', **dict(self.layer_kwargs))
     outs = []
+    unrolled = group_cache is not None and _is_unrolled(group_cache)
     for r in range(self.repeats):
-      layer_cache = None if group_cache is None else jax.tree.map(lambda c: c[r], group_cache)
+      if group_cache is None:
+        layer_cache = None
+      elif unrolled:
+        layer_cache = {k: v[r] for k, v in group_cache.items()}
+      else:
+        layer_cache = jax.tree.map(lambda c: c[r], group_cache)
       x, out = layer(x, layer_cache, *args)
       outs.append(out)
     if outs[0] is None:
       return x, None
+    if unrolled:
+      return x, {k: [o[k] for o in outs] for k in outs[0]}
     return x, jax.tree.map(lambda *o: jnp.stack(o), *outs)
 
 
@@ -125,6 +132,11 @@ class LayerStack(nn.Module):
                        f'choose one of {sorted(REMAT_POLICIES)}')
     if cfg.remat_policy != 'none':
       group_cls = nn.remat(LayerGroup, policy=policy, prevent_cse=False)
+    if _params_unrolled(self):
+      return self._unrolled(G, R, x, cache, broadcast_args)
+    if cache is not None and _is_unrolled(cache):
+      raise ValueError('a per-layer decoding cache needs per-layer weights: pass the parameters '
+                       'through unroll_params (decode.prepare_params) first')
     scanned = nn.scan(group_cls, variable_axes={'params': 0}, split_rngs={'params': True,
                                                                           'dropout': True},
                       in_axes=(0,) + (nn.broadcast,) * len(broadcast_args), length=G,
@@ -142,6 +154,61 @@ class LayerStack(nn.Module):
     if out is not None:
       out = jax.tree.map(lambda c: c.reshape((G * R,) + c.shape[2:]), out)
     return x, out
+
+  def _unrolled(self, G, R, x, cache, broadcast_args):
+    """Per-group weights (`unroll_params`); the cache (if any) comes back as per-layer lists."""
+    if cache is not None:
+      cache = {k: list(v) for k, v in cache.items()}   # a stacked cache is split here
+    outs = {}
+    for g in range(G):
+      group_cache = None if cache is None else {k: v[g * R:(g + 1) * R] for k, v in cache.items()}
+      x, out = LayerGroup(self.cfg, self.layer_cls, R, self.layer_kwargs, name=f'group_{g}')(
+          x, group_cache, *broadcast_args)
+      for k, v in (out or {}).items():
+        outs.setdefault(k, []).extend(v if isinstance(v, list) else list(v))
+    return x, (outs or None)
+
+
+def _params_unrolled(stack: nn.Module) -> bool:
+  return 'group_0' in stack.variables.get('params', {})
+
+
+def _is_unrolled(cache) -> bool:
+  return isinstance(cache.get('self_v'), (list, tuple))
+
+
+def unroll_params(cfg: ModelConfig, params):
+  """The decoding layout of the parameters: the decoder's stacked [G, ...] layer weights split into
+  one subtree per group (`decoder/stack/group_g`). Idempotent; everything else is unchanged.
+
+  Inside a `lax.while_loop` body, slicing layer l out of stacked weights is a copy of it on every
+  step (XLA does not hoist it), so a decoding loop reads about twice the weight bytes it needs.
+  Split once (a server at load time, `decode.prepare_params`) and each layer is its own buffer.
+  Every mode of the decoder accepts both layouts and gives the same results.
+  """
+  G = cfg.shared_layer_groups or cfg.num_decoder_layers
+  stack = params['decoder']['stack']
+  if 'layers' not in stack:
+    return params
+  groups = {f'group_{g}': jax.tree.map(lambda w, g=g: w[g], stack['layers']) for g in range(G)}
+  stack = {k: v for k, v in stack.items() if k != 'layers'} | groups
+  return dict(params, decoder=dict(params['decoder'], stack=stack))
+
+
+def unroll_for_decoding(cfg: ModelConfig, params, cache):
+  """`unroll_params` plus the cache's K/V as per-layer lists, which a decoding loop then updates
+  in place (a stacked cache would be sliced, i.e. copied, per layer and step)."""
+  cache = dict(cache, **{k: list(cache[k]) for k in _LAYER_CACHE if k in cache})
+  return unroll_params(cfg, params), cache
+
+
+def stack_cache(cache):
+  """The stacked [L, ...] cache layout again, from a per-layer one."""
+  return dict(cache, **{k: jnp.stack(cache[k]) for k in _LAYER_CACHE if k in cache
+                        and isinstance(cache[k], (list, tuple))})
+
+
+_LAYER_CACHE = ('self_k', 'self_v', 'cross_k', 'cross_v')
 
 
 def _positions(tokens_BT):
@@ -179,7 +246,7 @@ class Decoder(nn.Module):
 
   FULL: teacher-forced forward -> logits [B, T, V] (float32);
   STEP: append T tokens per row at the row's cache index -> (logits, new cache);
-  CROSS_KV: cross-attention keys and values of every layer, {'cross_k', 'cross_v'} [L, B, S, N, H].
+  CROSS_KV: cross-attention keys [L, B, N, H, S] and values [L, B, N, S, H] of every layer.
   """
   cfg: ModelConfig
 
@@ -219,7 +286,7 @@ class Decoder(nn.Module):
       raise ValueError(f'unknown decoder mode {mode!r}')
     index_B = cache['index']
     B, T = tokens_BT.shape
-    S = cache['self_k'].shape[2]
+    S = (cache['self_v'][0].shape[2] if _is_unrolled(cache) else cache['self_v'].shape[3])
     q_pos_BT = index_B[:, None] + jnp.arange(T, dtype=jnp.int32)
     k_pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     bias = self_bias(q_pos_BT, k_pos_BS, k_pos_BS[:, None, :] <= q_pos_BT[:, :, None])
@@ -278,7 +345,10 @@ class EncoderDecoder(nn.Module):
     """Runs the encoder and stores its cross-attention K/V and padding mask in `cache`."""
     encoded = self.encode(encoder_tokens)
     kv = self.decoder(self.shared_embedding, None, mode=CROSS_KV, encoded_BSD=encoded)
-    return dict(cache, **{k: v.astype(cache[k].dtype) for k, v in kv.items()},
+    dtype = lambda c: (c[0] if isinstance(c, list) else c).dtype
+    cast = lambda v, c: ([t.astype(dtype(c)) for t in v] if isinstance(v, list)
+                         else v.astype(dtype(c)))
+    return dict(cache, **{k: cast(v, cache[k]) for k, v in kv.items()},
                 encoder_mask=encoder_tokens != self.cfg.pad_id)
 
   def decode_step(self, decoder_tokens, cache):
@@ -309,15 +379,15 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_decode_len: int, encoder_len: int = 0):
-  """An empty decoding cache: per-row write index and K/V buffers [L, B, S, N, H]."""
+  """An empty decoding cache: per-row write index, keys [L, B, N, H, S], values [L, B, N, S, H]."""
   dtype = policy_of(cfg).compute_dtype
   L, N, H = cfg.num_decoder_layers, cfg.num_heads, cfg.head_dim
   cache = {'index': jnp.zeros((batch,), jnp.int32),
-           'self_k': jnp.zeros((L, batch, max_decode_len, N, H), dtype),
-           'self_v': jnp.zeros((L, batch, max_decode_len, N, H), dtype)}
+           'self_k': jnp.zeros((L, batch, N, H, max_decode_len), dtype),
+           'self_v': jnp.zeros((L, batch, N, max_decode_len, H), dtype)}
   if cfg.is_encdec:
-    cache.update(cross_k=jnp.zeros((L, batch, encoder_len, N, H), dtype),
-                 cross_v=jnp.zeros((L, batch, encoder_len, N, H), dtype),
+    cache.update(cross_k=jnp.zeros((L, batch, N, H, encoder_len), dtype),
+                 cross_v=jnp.zeros((L, batch, N, encoder_len, H), dtype),
                  encoder_mask=jnp.zeros((batch, encoder_len), bool))
   return cache
 

@@ -106,10 +106,12 @@ def test_rope_is_relative_and_norm_preserving():
 
 
 def test_write_cache_per_row_offsets():
-  cache = jnp.zeros((3, 6, 1, 1))
-  new = jnp.arange(1, 7, dtype=jnp.float32).reshape(3, 2, 1, 1)
-  out = write_cache(cache, new, jnp.asarray([0, 3, 4]))
-  assert out[..., 0, 0].tolist() == [[1, 2, 0, 0, 0, 0], [0, 0, 0, 3, 4, 0], [0, 0, 0, 0, 5, 6]]
+  new_BTNH = jnp.arange(1, 7, dtype=jnp.float32).reshape(3, 2, 1, 1)
+  expected = [[1, 2, 0, 0, 0, 0], [0, 0, 0, 3, 4, 0], [0, 0, 0, 0, 5, 6]]
+  values = write_cache(jnp.zeros((3, 1, 6, 1)), new_BTNH, jnp.asarray([0, 3, 4]), keys=False)
+  assert values[:, 0, :, 0].tolist() == expected                  # [B, N, S, H]
+  keys = write_cache(jnp.zeros((3, 1, 1, 6)), new_BTNH, jnp.asarray([0, 3, 4]), keys=True)
+  assert keys[:, 0, 0, :].tolist() == expected                    # [B, N, H, S]
 
 
 def test_attention_is_unscaled_softmax_attention():

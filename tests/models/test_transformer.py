@@ -160,10 +160,9 @@ def test_init_cache_shapes_and_dtype():
   cache = init_cache(cfg, B, T, S)
   L, N, H = cfg.num_decoder_layers, cfg.num_heads, cfg.head_dim
   assert cache['index'].shape == (B,) and cache['index'].dtype == jnp.int32
-  for k in ('self_k', 'self_v'):
-    assert cache[k].shape == (L, B, T, N, H) and cache[k].dtype == jnp.bfloat16
-  for k in ('cross_k', 'cross_v'):
-    assert cache[k].shape == (L, B, S, N, H)
+  assert cache['self_k'].shape == (L, B, N, H, T) and cache['self_k'].dtype == jnp.bfloat16
+  assert cache['self_v'].shape == (L, B, N, T, H) and cache['self_v'].dtype == jnp.bfloat16
+  assert cache['cross_k'].shape == (L, B, N, H, S) and cache['cross_v'].shape == (L, B, N, S, H)
   assert cache['encoder_mask'].shape == (B, S)
   assert 'cross_k' not in init_cache(cfg_of('decoder_rope'), B, T)
 
