@@ -29,7 +29,7 @@ def prepare_params(cfg: ModelConfig, params):
   Every function here accepts either layout; one that gets the training layout splits it on
   each call (a copy of the decoder weights). A server does this once when it loads a model.
   """
-  return jax.jit(unroll_params, static_argnums=0)(cfg, params)
+  return unroll_params(cfg, params)   # eager: only the decoder stack is copied, the rest shared
 
 
 class Decoded(NamedTuple):

@@ -27,6 +27,7 @@ from t5like.config import ModelConfig
 from t5like.infer import decode
 from t5like.infer.decode import prompt_lengths
 from t5like.models import build_model, init_cache
+from t5like.models.transformer import unroll_for_decoding
 
 
 class EngineError(RuntimeError):
@@ -74,9 +75,9 @@ class Request:
 
 
 def _insert_row(slot_tree, row_tree, slot):
-  """Writes a one-row cache into row `slot` (K/V leaves keep the batch on axis 1)."""
+  """Writes a one-row cache into row `slot` (per-layer K/V and the rest: batch on axis 0)."""
   def put(dst, src):
-    axis = 1 if dst.ndim == 5 else 0
+    axis = 1 if dst.ndim == 5 else 0   # a stacked [L, B, ...] cache
     # Encoder K/V and mask of a shorter bucket: pad the source length (the one axis besides the
     # batch that can differ) with masked zeros.
     pad = [(0, 0) if d == axis else (0, dst.shape[d] - src.shape[d]) for d in range(src.ndim)]
@@ -149,7 +150,9 @@ class Engine:
                max_queue: int = 64, name: str = 'model'):
     if num_slots <= 0 or max_new_tokens <= 0 or max_queue <= 0:
       raise ValueError('num_slots, max_new_tokens and max_queue must be positive')
-    self.cfg, self.params, self.name = cfg, params, name
+    # The decoding layout (per-layer decoder weights and K/V lists): a decode step then reads
+    # each weight once, where stacked weights are sliced (copied) on every call.
+    self.cfg, self.params, self.name = cfg, decode.prepare_params(cfg, params), name
     self.num_slots, self.max_new_tokens = num_slots, max_new_tokens
     self.buckets = tuple(sorted(prompt_buckets))
     self.max_prompt_len = self.buckets[-1]
@@ -165,10 +168,11 @@ class Engine:
     self.steps = 0
     self.last_error: str | None = None
     if cfg.is_encdec:
-      self._cache = init_cache(cfg, num_slots, max_new_tokens + 1, self.max_prompt_len)
+      cache = init_cache(cfg, num_slots, max_new_tokens + 1, self.max_prompt_len)
     else:
-      self._cache = init_cache(cfg, num_slots, self.max_prompt_len + max_new_tokens + 1)
-    self._cache_len = int(self._cache['self_v'].shape[3])
+      cache = init_cache(cfg, num_slots, self.max_prompt_len + max_new_tokens + 1)
+    self._cache = unroll_for_decoding(cfg, self.params, cache)[1]
+    self._cache_len = int(cache['self_v'].shape[3])
     R = num_slots
     self._tokens = np.zeros((R,), np.int32)
     self._temp = np.zeros((R,), np.float32)

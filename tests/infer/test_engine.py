@@ -166,6 +166,7 @@ def test_queue_full_shutdown_and_close(model):
     assert c.done.wait(10) and c.reason in ('abort', 'length', 'stop')
   with pytest.raises(EngineError, match='shutting down'):
     engine.submit(request([5])[0])
-  leaves = jax.tree.leaves(params)
+  held = jax.tree.leaves((engine.params, engine._cache))   # params in the decoding layout
   engine.close()
-  assert all(x.is_deleted() for x in leaves) and engine.params is None
+  assert all(x.is_deleted() for x in held) and engine.params is None
+  assert params['shared_embedding']['embedding'].is_deleted()   # shared with the given tree
