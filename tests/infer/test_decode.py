@@ -9,7 +9,7 @@ import pytest
 
 from t5like.config import get_variant
 from t5like.infer import decode
-from t5like.models import abstract_params, build_model, init_cache, init_params
+from t5like.models import abstract_params, build_model, init_cache
 from t5like.models.transformer import unroll_for_decoding, unroll_params
 
 B, S, T = 2, 10, 6
@@ -48,22 +48,23 @@ def full_forward(cfg):
 
 
 def reference_greedy(cfg, params, inputs, steps):
-  """Greedy decoding by re-running the full forward on the whole prefix at every step."""
+  """Greedy decoding by re-running the full forward on the whole prefix at every step. The prefix
+  lives in a fixed-size buffer (one compile): causality keeps later slots from mattering."""
   f = full_forward(cfg)
   if cfg.is_encdec:
-    dec = jnp.full((inputs.shape[0], 1), cfg.decoder_start_id, jnp.int32)
-    for _ in range(steps):
-      nxt = jnp.argmax(f(params, inputs, dec)[:, -1], axis=-1).astype(jnp.int32)
-      dec = jnp.concatenate([dec, nxt[:, None]], axis=1)
-    return np.asarray(dec[:, 1:])
-  rows = []
-  for row, n in zip(np.asarray(inputs), np.asarray(decode.prompt_lengths(inputs))):
-    seq = jnp.asarray(row[:n])[None]
-    for _ in range(steps):
-      nxt = jnp.argmax(f(params, seq)[:, -1], axis=-1).astype(jnp.int32)
-      seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
-    rows.append(np.asarray(seq[0, n:]))
-  return np.stack(rows)
+    dec = jnp.full((inputs.shape[0], steps), cfg.decoder_start_id, jnp.int32)
+    for t in range(steps - 1):
+      nxt = jnp.argmax(f(params, inputs, dec)[:, t], axis=-1).astype(jnp.int32)
+      dec = dec.at[:, t + 1].set(nxt)
+    last = jnp.argmax(f(params, inputs, dec)[:, -1], axis=-1).astype(jnp.int32)
+    return np.asarray(jnp.concatenate([dec[:, 1:], last[:, None]], axis=1))
+  lengths = np.asarray(decode.prompt_lengths(inputs))
+  seq = jnp.concatenate([inputs, jnp.zeros((inputs.shape[0], steps), jnp.int32)], axis=1)
+  rows = np.arange(inputs.shape[0])
+  for t in range(steps):
+    nxt = jnp.argmax(f(params, seq)[rows, lengths - 1 + t], axis=-1).astype(jnp.int32)
+    seq = seq.at[rows, lengths + t].set(nxt)
+  return np.stack([np.asarray(seq[r, n:n + steps]) for r, n in zip(rows, lengths)])
 
 
 def sequence_logprob(cfg, params, inputs, new_tokens):
@@ -177,7 +178,7 @@ def test_per_layer_layout_gives_the_same_step_logits():
   layer groups too; a per-layer cache with stacked weights is a clear error."""
   for cfg in (get_variant('t5_tiny'), get_variant('decoder_tiny', num_decoder_layers=4,
                                                   shared_layer_groups=2)):
-    params = init_params(cfg, jax.random.key(1))
+    params = random_params(cfg, seed=1)
     model = build_model(cfg)
     step = jit(lambda p, t, c: model.apply({'params': p}, t, c, method='decode_step'))
     cache = init_cache(cfg, B, 4, S)
