@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from t5like import precision
 from t5like.config import ConfigError, ModelConfig, TrainConfig
 
 KINDS = ('soft', 'hard', 'sequence')
@@ -148,7 +147,6 @@ def distill_step(state, teacher_params, batch, *, model: nn.Module, teacher_mode
   Metrics: 'loss' (the mixed loss), 'data_loss', 'distill_loss', 'accuracy' (on the data
   targets), 'grad_norm', 'tokens', 'loss_scale', 'learning_rate' (with `schedule`).
   """
-  from t5like.optim import adaptive
   from t5like.train import step as step_lib
   step_rng = jax.random.fold_in(state.rng, state.step)
   ls = state.loss_scale
@@ -177,18 +175,7 @@ def distill_step(state, teacher_params, batch, *, model: nn.Module, teacher_mode
   metrics = {'loss': total, **parts, 'accuracy': _weighted_mean(correct, weights),
              'grad_norm': optax.global_norm(grads), 'tokens': jnp.sum(weights),
              'loss_scale': ls.loss_scale}
-  if schedule is not None:
-    metrics['learning_rate'] = adaptive.optimizer_metrics(state.opt_state, schedule)['learning_rate']
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  if isinstance(ls, precision.DynamicLossScale):
-    finite = precision.all_finite(grads)
-    params = precision.select_tree(finite, params, state.params)
-    opt_state = precision.select_tree(finite, opt_state, state.opt_state)
-    ls = ls.adjust(finite)
-    metrics['skipped'] = ls.skipped
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                       loss_scale=ls), metrics
+  return step_lib.apply_gradients(state, grads, tx, metrics, schedule)
 
 
 def jit_distill_step(*, model, teacher_model, tx, dcfg: DistillConfig, state_shardings,

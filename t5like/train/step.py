@@ -143,6 +143,16 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   metrics = {'loss': ce / total_weight, 'z_loss': zl / total_weight,
              'accuracy': correct / total_weight, 'grad_norm': optax.global_norm(grads),
              'tokens': jnp.sum(weights), 'loss_scale': ls.loss_scale}
+  return apply_gradients(state, grads, tx, metrics, schedule)
+
+
+def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation,
+                    metrics: dict[str, jax.Array], schedule: Callable | None = None):
+  """The update shared by every training step (also distillation's): the optimizer step, an fp16
+  overflow skip (params and optimizer state kept, loss scale adjusted), and the optimizer's own
+  metrics. `grads` are unscaled. Returns (new state, metrics with those added)."""
+  metrics = dict(metrics)
+  ls = state.loss_scale
   if schedule is not None:
     metrics['learning_rate'] = adaptive.optimizer_metrics(state.opt_state, schedule)['learning_rate']
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
