@@ -61,7 +61,10 @@ def cross_entropy_sums(logits_BTV, targets_BT, weights_BT, label_smoothing: floa
     nll_BT = (conf - low) * nll_BT - low * sum_logp_BT - const
   w = weights_BT.astype(jnp.float32)
   z_BT = z_loss * jnp.square(log_z_BT) if z_loss else jnp.zeros_like(log_z_BT)
-  correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+  # The target holds the row maximum: argmax == target up to exact ties, as one max reduction
+  # (XLA:CPU's (value, index) argmax reduction costs about 2% of a t5_small train step).
+  top_BT = jax.lax.stop_gradient(jnp.max(logits_BTV, axis=-1))
+  correct_BT = (target_logit_BT >= top_BT).astype(jnp.float32)
   return jnp.sum(nll_BT * w), jnp.sum(z_BT * w), jnp.sum(correct_BT * w)
 
 
