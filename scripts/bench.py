@@ -15,6 +15,7 @@ the same config and machine, and the speed ratio.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -131,7 +132,12 @@ def main(argv=None):
   p.set_defaults(fn=lambda a: bench_quant.quant(a.variant, a.batch, a.source_len, a.new_tokens,
                                                  a.repeats, a.settings.split(',')))
   args = parser.parse_args(argv)
-  benchlib.emit(args.fn(args))
+  record = args.fn(args)
+  benchlib.emit(record)
+  if getattr(args, 'out', ''):   # subcommands with --out also keep the record in a file
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+      f.write(json.dumps(record, indent=1, sort_keys=True) + '\n')
 
 
 if __name__ == '__main__':
