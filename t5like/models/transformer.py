@@ -202,12 +202,6 @@ def unroll_for_decoding(cfg: ModelConfig, params, cache):
   return unroll_params(cfg, params), cache
 
 
-def stack_cache(cache):
-  """The stacked [L, ...] cache layout again, from a per-layer one."""
-  return dict(cache, **{k: jnp.stack(cache[k]) for k in _LAYER_CACHE if k in cache
-                        and isinstance(cache[k], (list, tuple))})
-
-
 _LAYER_CACHE = ('self_k', 'self_v', 'cross_k', 'cross_v')
 
 

@@ -9,30 +9,19 @@ import pytest
 
 from t5like.config import get_variant
 from t5like.infer import decode
-from t5like.models import abstract_params, build_model, init_cache
+from t5like.models import build_model, init_cache
 from t5like.models.transformer import unroll_for_decoding, unroll_params
+from random_weights import random_params
 
 B, S, T = 2, 10, 6
 jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
 
 
-def random_params(cfg, seed=0):
-  """Weights with enough spread that greedy outputs vary (fresh inits mostly repeat one token)."""
-  rng = np.random.RandomState(seed)
-
-  def draw(path, x):
-    where = jax.tree_util.keystr(path)
-    std = 0.3 if 'embedding' in where and 'rel_' not in where else 0.5 if 'rel_' in where else 0.2
-    value = rng.normal(0.0, std, x.shape)
-    return jnp.asarray(1.0 + value if where.endswith("['scale']") else value, x.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, abstract_params(cfg))
-
-
 @functools.lru_cache(maxsize=None)
 def setup(name):
   cfg = get_variant(name)
-  params = random_params(cfg)
+  # Spread enough that greedy outputs vary (fresh inits of tied models mostly repeat one token).
+  params = random_params(cfg, embed_std=0.3, std=0.2)
   rng = np.random.RandomState(1)
   if cfg.is_encdec:
     inputs = jnp.asarray(rng.randint(2, cfg.vocab_size, (B, S)), jnp.int32).at[1, 7:].set(0)
@@ -178,7 +167,7 @@ def test_per_layer_layout_gives_the_same_step_logits():
   layer groups too; a per-layer cache with stacked weights is a clear error."""
   for cfg in (get_variant('t5_tiny'), get_variant('decoder_tiny', num_decoder_layers=4,
                                                   shared_layer_groups=2)):
-    params = random_params(cfg, seed=1)
+    params = random_params(cfg, seed=1, embed_std=0.3, std=0.2)
     model = build_model(cfg)
     step = jit(lambda p, t, c: model.apply({'params': p}, t, c, method='decode_step'))
     cache = init_cache(cfg, B, 4, S)

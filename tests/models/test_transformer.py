@@ -15,6 +15,7 @@ import pytest
 from t5like.config import VARIANTS, ConfigError, ModelConfig, get_variant
 from t5like.models import abstract_params, build_model, init_cache, param_count
 from t5like.models.layers import REMAT_POLICIES
+from random_weights import random_params
 
 B, S, T = 2, 12, 8
 # Tiny shapes run in microseconds; what costs is compiling. LLVM's cheapest optimisation level
@@ -37,17 +38,8 @@ def _structure(cfg):
 
 @functools.lru_cache(maxsize=None)
 def _params(cfg):
-  # Random weights drawn in numpy from the abstract tree: no compile of `init` per config
-  # (test_layers.py runs real initialisers; here eval_shape checks init's tree).
-  rng = np.random.RandomState(0)
-
-  def draw(path, x):
-    where = jax.tree_util.keystr(path)
-    std = 1.0 if 'embedding' in where and 'rel_' not in where else 0.5 if 'rel_' in where else 0.1
-    value = rng.normal(0.0, std, x.shape)
-    return jnp.asarray(1.0 + value if where.endswith("['scale']") else value, x.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, abstract_params(cfg))
+  # Random numpy weights (no compile of `init` per config); test_layers.py runs real initialisers.
+  return random_params(cfg)
 
 
 def params_of(cfg):
