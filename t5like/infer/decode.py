@@ -17,19 +17,65 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from t5like import precision
 from t5like.config import ModelConfig
+from t5like.kernels import cpu_matmul
 from t5like.models import build_model, init_cache
 from t5like.models.transformer import unroll_for_decoding, unroll_params
 
 
-def prepare_params(cfg: ModelConfig, params):
-  """The parameters in the decoding layout (per-layer decoder weights), for repeated decoding.
+def prepare_params(cfg: ModelConfig, params, pack: bool | None = None):
+  """The parameters in the decoding layout, for repeated decoding (a server does this at load).
 
-  Every function here accepts either layout; one that gets the training layout splits it on
-  each call (a copy of the decoder weights). A server does this once when it loads a model.
+  The decoder's layer weights are split per layer (`unroll_params`: every function here accepts
+  either layout, but one given the training layout splits it, a copy, on each call). On a CPU, the
+  weights a decoding step multiplies by are also packed into panels for the few-row kernel of
+  `t5like.kernels.cpu_matmul` (`pack=None`: when it is built and the model runs in float32 with
+  unquantised weights; the decoder's other weights and the encoder stay as they are). Idempotent.
   """
-  return unroll_params(cfg, params)   # eager: only the decoder stack is copied, the rest shared
+  params = unroll_params(cfg, params)   # eager: only the decoder stack is copied, the rest shared
+  if pack is None:
+    pack = (precision.get_policy(cfg.precision).compute_dtype == jnp.float32
+            and cfg.weight_quant == 'none' and cfg.qat == 'none' and cfg.activation_quant == 'none'
+            and cpu_matmul.available())
+  return pack_step_weights(cfg, params) if pack else params
+
+
+# Projections a decoding step applies to its one new token, by parent module name, with the number
+# of leading kernel dims each contracts. Cross-attention keys and values are applied once, to the
+# encoder output, and stay unpacked.
+_STEP_PROJECTIONS = {'query': 1, 'key': 1, 'value': 1, 'out': 2, 'wi': 1, 'wi_0': 1, 'wi_1': 1,
+                     'wo': 1, 'lm_head': 1}
+
+
+def pack_step_weights(cfg: ModelConfig, params):
+  """`params` with the decoder's per-step projection kernels and its output layer (a tied
+  embedding, or lm_head) packed (`cpu_matmul.PackedKernel`) where `cpu_matmul.packable`."""
+  def visit(tree, path):
+    out = {}
+    for name, sub in tree.items():
+      here = path + (name,)
+      if isinstance(sub, dict):
+        out[name] = visit(sub, here)
+      elif name == 'kernel' and path[-1] in _STEP_PROJECTIONS and cpu_matmul.packable(sub):
+        once = len(path) > 1 and path[-2] == 'cross_attention' and path[-1] in ('key', 'value')
+        dims = _STEP_PROJECTIONS[path[-1]]
+        columns = int(np.prod(sub.shape[dims:]))
+        out[name] = sub if once or columns % cpu_matmul.PANEL else cpu_matmul.pack(sub, dims)
+      elif (name == 'embedding' and path == ('shared_embedding',) and cfg.tie_embeddings
+            and cpu_matmul.packable(sub) and sub.shape[0] % cpu_matmul.PANEL == 0):
+        out[name] = cpu_matmul.pack(sub, transposed=True)
+      else:
+        out[name] = sub
+    return out
+  params = dict(params)
+  if 'decoder' in params:
+    params['decoder'] = visit(params['decoder'], ('decoder',))
+  if 'shared_embedding' in params:
+    params['shared_embedding'] = visit(params['shared_embedding'], ('shared_embedding',))
+  return jax.block_until_ready(params)
 
 
 class Decoded(NamedTuple):
@@ -48,11 +94,12 @@ def _prefill(params, cfg: ModelConfig, inputs_BS, max_new_tokens: int, batch_rep
     cache = init_cache(cfg, B, max_new_tokens, S)
     cache = model.apply({'params': params}, inputs_BS, cache, method='prefill')
     start_B1 = jnp.full((B, 1), cfg.decoder_start_id, jnp.int32)
-    logits_B1V, cache = model.apply({'params': params}, start_B1, cache, method='decode_step')
-    return cache, logits_B1V[:, 0]
+    logits_BV, cache = _step(params, cfg, start_B1[:, 0], cache)
+    return cache, logits_BV
   lengths_B = prompt_lengths(inputs_BS)
   cache = init_cache(cfg, B, S + max_new_tokens)
-  logits_BSV, cache = model.apply({'params': params}, inputs_BS, cache, method='decode_step')
+  with cpu_matmul.enabled():   # short prompts: few rows
+    logits_BSV, cache = model.apply({'params': params}, inputs_BS, cache, method='decode_step')
   last_BV = jnp.take_along_axis(logits_BSV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
   # Rows continue right after their own prompt; stale entries beyond it are masked until rewritten.
   return dict(cache, index=lengths_B), last_BV
@@ -86,8 +133,9 @@ def token_logprob(logits_BV, tok_B):
 
 
 def _step(params, cfg, tokens_B, cache):
-  logits_B1V, cache = build_model(cfg).apply({'params': params}, tokens_B[:, None], cache,
-                                             method='decode_step')
+  with cpu_matmul.enabled():   # one token per row: projections stream weights
+    logits_B1V, cache = build_model(cfg).apply({'params': params}, tokens_B[:, None], cache,
+                                               method='decode_step')
   return logits_B1V[:, 0], cache
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from t5like.config import ModelConfig
 from t5like.infer import decode
 from t5like.infer.decode import prompt_lengths
+from t5like.kernels import cpu_matmul
 from t5like.models import build_model, init_cache
 from t5like.models.transformer import unroll_for_decoding
 
@@ -111,6 +112,13 @@ def sample_rows(logits_RV, temperature_R, top_k_R, top_p_R, keys_R):
 def _prefill(params, tokens_1P, temperature, top_k, top_p, key, *, cfg: ModelConfig,
              max_prompt_len: int, max_new_tokens: int):
   """One request alone: its cache row and its first sampled token."""
+  with cpu_matmul.enabled():   # few-row projections by packed weights (decode.prepare_params)
+    return _prefill_row(params, tokens_1P, temperature, top_k, top_p, key, cfg, max_prompt_len,
+                        max_new_tokens)
+
+
+def _prefill_row(params, tokens_1P, temperature, top_k, top_p, key, cfg, max_prompt_len,
+                 max_new_tokens):
   model = build_model(cfg)
   if cfg.is_encdec:
     row = init_cache(cfg, 1, max_new_tokens + 1, tokens_1P.shape[1])
@@ -135,8 +143,9 @@ _insert = jax.jit(_insert_row, donate_argnums=(0,))
 def _generate(params, cache, tokens_R, temp_R, top_k_R, top_p_R, keys_R2, pos_R, active_R, *,
               cfg: ModelConfig):
   """One token for every slot row; idle rows are computed but their cache index stays."""
-  logits, new_cache = build_model(cfg).apply({'params': params}, tokens_R[:, None], cache,
-                                             method='decode_step')
+  with cpu_matmul.enabled():
+    logits, new_cache = build_model(cfg).apply({'params': params}, tokens_R[:, None], cache,
+                                               method='decode_step')
   new_cache['index'] = jnp.where(active_R, new_cache['index'], cache['index'])
   keys = jax.vmap(jax.random.fold_in)(keys_R2, pos_R)
   return sample_rows(logits[:, 0], temp_R, top_k_R, top_p_R, keys), new_cache

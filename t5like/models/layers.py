@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from t5like import precision
 from t5like.config import ModelConfig
+from t5like.kernels import cpu_matmul
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     'none': None,
@@ -82,6 +83,11 @@ class Einsum(nn.Module):
     kernel = self.param('kernel', nn.with_logical_partitioning(normal_init(self.init_std),
                                                                self.kernel_axes),
                         self.kernel_shape, policy.param_dtype)
+    if isinstance(kernel, cpu_matmul.PackedKernel):   # the CPU decoding layout
+      if cpu_matmul.wanted(x, kernel):
+        y = cpu_matmul.matmul(x.reshape(x.shape[:-self.contract_dims] + (-1,)), kernel)
+        return y.reshape(x.shape[:-self.contract_dims] + self.kernel_shape[self.contract_dims:])
+      kernel = kernel.unpacked()
     if self.cfg.qat != 'none':
       kernel = quantize.fake_quant_kernel(kernel, self.cfg, self.contract_dims)
     x = policy.cast_to_compute(x)
@@ -121,12 +127,16 @@ class Embed(nn.Module):
   def table(self):
     if self.cfg.weight_quant != 'none':
       return self.quant_embedding.dequantized()
+    if isinstance(self.embedding, cpu_matmul.PackedKernel):
+      return self.embedding.unpacked()
     return self.embedding
 
   def __call__(self, ids_BT):
     policy = policy_of(self.cfg)
     if self.cfg.weight_quant != 'none':
       return self.quant_embedding.lookup(ids_BT, policy.compute_dtype)
+    if isinstance(self.embedding, cpu_matmul.PackedKernel):
+      return self.embedding.rows(ids_BT).astype(policy.compute_dtype)
     return jnp.take(self.embedding, ids_BT, axis=0).astype(policy.compute_dtype)
 
   def attend(self, x_BTD):
@@ -135,6 +145,10 @@ class Embed(nn.Module):
     if self.cfg.weight_quant != 'none':
       return self.quant_embedding.attend(x_BTD, policy)
     table = self.embedding
+    if isinstance(table, cpu_matmul.PackedKernel):   # the CPU decoding layout
+      if cpu_matmul.wanted(x_BTD, table):
+        return cpu_matmul.matmul(x_BTD, table)
+      table = table.unpacked()
     if self.cfg.qat != 'none':
       from t5like.compress import quantize
       table = quantize.fake_quant_kernel(table, self.cfg, contract_dims=1, channel_axis=0)

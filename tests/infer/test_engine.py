@@ -169,4 +169,5 @@ def test_queue_full_shutdown_and_close(model):
   held = jax.tree.leaves((engine.params, engine._cache))   # params in the decoding layout
   engine.close()
   assert all(x.is_deleted() for x in held) and engine.params is None
-  assert params['shared_embedding']['embedding'].is_deleted()   # shared with the given tree
+  # Weights the decoding layout leaves alone are shared with the given tree, and freed with it.
+  assert params['decoder']['final_norm']['scale'].is_deleted()
