@@ -1,24 +1,22 @@
 // Few-row float32 matmul against a panel-packed weight, for decoding on CPU (an XLA FFI handler).
 //
-//   t5like_matmul_packed: y[M, N] = x[M, K] @ W[K, N], with W given as panels [N / 32, K, 32]
-//   (panels[p, k, j] = W[k, 32 p + j]).
+//   t5like_matmul_packed: y_i[M, N_i] = x[M, K] @ W_i[K, N_i] for one or more weights, each given
+//   as panels [N_i / 32, K, 32] (panels[p, k, j] = W[k, 32 p + j]).
 //
 // With few rows this is bound by streaming W. A row-major [K, N] weight read a column block at a
 // time is a short strided run per row, which the hardware prefetcher does not follow: XLA's dot and
 // a register-blocked kernel on it both stream at 6-10 GB/s with 8 rows. A panel is one contiguous
 // run, prefetched ahead in software, and all M rows are accumulated in registers over all of K.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <functional>
-#include <memory>
-#include <thread>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel_for.h"
 
 namespace ffi = xla::ffi;
 
@@ -26,30 +24,6 @@ namespace {
 
 constexpr int64_t kPanel = 32;   // floats per panel row: two 16-lane vectors
 constexpr int64_t kMaxRows = 32;
-
-// Runs body(chunk) for chunk in [0, chunks) on the caller and helpers from the pool. Helpers that
-// start late find no chunk left and touch nothing, so the caller never waits on a busy pool.
-void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, const std::function<void(int64_t)>& body) {
-  struct Job {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    const std::function<void(int64_t)>* body;
-    int64_t chunks;
-  };
-  auto job = std::make_shared<Job>();
-  job->body = &body;
-  job->chunks = chunks;
-  auto work = [](Job* j) {
-    for (int64_t c; (c = j->next.fetch_add(1, std::memory_order_relaxed)) < j->chunks;) {
-      (*j->body)(c);
-      j->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job, work] { work(job.get()); });
-  work(job.get());
-  while (job->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
-}
 
 #if defined(__AVX512F__)
 
@@ -123,26 +97,48 @@ void PanelRange(int64_t M, const float* x, const float* panels, float* y, int64_
 
 #endif
 
-ffi::Error MatmulPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                        ffi::Buffer<ffi::F32> panels, ffi::ResultBuffer<ffi::F32> y) {
+// One weight's share of a call: panels [p0, p0 + count) of weight w.
+struct Piece {
+  const float* panels;
+  float* y;
+  int64_t n, p0, count;
+};
+
+ffi::Error MatmulPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights,
+                        ffi::RemainingRets outs) {
   auto xd = x.dimensions();
-  auto pd = panels.dimensions();
-  if (xd.size() != 2 || pd.size() != 3 || pd[2] != kPanel)
-    return ffi::Error::InvalidArgument("t5like_matmul_packed: x must be [M, K], w [N/32, K, 32]");
-  const int64_t M = xd[0], K = xd[1], P = pd[0], N = P * kPanel;
-  if (pd[1] != K) return ffi::Error::InvalidArgument("t5like_matmul_packed: K of x and w differ");
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("t5like_matmul_packed: x must be [M, K]");
+  const int64_t M = xd[0], K = xd[1];
   if (M < 1 || M > kMaxRows)
     return ffi::Error::InvalidArgument("t5like_matmul_packed: x must have 1 to 32 rows");
+  if (weights.size() < 1 || weights.size() != outs.size())
+    return ffi::Error::InvalidArgument("t5like_matmul_packed: want one result per weight");
+  // Weights that share the input run as one parallel loop: one call, one wake-up of the pool.
+  std::vector<Piece> whole;
+  int64_t total = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    auto w = weights.get<ffi::Buffer<ffi::F32>>(i);
+    auto y = outs.get<ffi::Buffer<ffi::F32>>(i);
+    if (!w.has_value() || !y.has_value())
+      return ffi::Error::InvalidArgument("t5like_matmul_packed: weights must be float32");
+    auto pd = w->dimensions();
+    if (pd.size() != 3 || pd[2] != kPanel || pd[1] != K)
+      return ffi::Error::InvalidArgument("t5like_matmul_packed: a weight is not [N/32, K, 32]");
+    whole.push_back({w->typed_data(), (*y)->typed_data(), pd[0] * kPanel, 0, pd[0]});
+    total += pd[0];
+  }
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
   // About 8 chunks per worker to even out the load, each at least 4 panels (64 KB at K = 512).
-  const int64_t chunks = std::clamp<int64_t>(P / 4, 1, 8 * workers);
-  const int64_t per = (P + chunks - 1) / chunks;
+  const int64_t chunks = std::clamp<int64_t>(total / 4, 1, 8 * workers);
+  const int64_t per = (total + chunks - 1) / chunks;
+  std::vector<Piece> pieces;
+  for (const Piece& w : whole)
+    for (int64_t p0 = 0; p0 < w.count; p0 += per)
+      pieces.push_back({w.panels, w.y, w.n, p0, std::min(per, w.count - p0)});
   const float* xp = x.typed_data();
-  const float* wp = panels.typed_data();
-  float* yp = y->typed_data();
-  ParallelFor(pool, (P + per - 1) / per, [&](int64_t c) {
-    int64_t p0 = c * per;
-    PanelRange(M, xp, wp, yp, K, N, p0, std::min(per, P - p0));
+  t5like::ParallelFor(pool, static_cast<int64_t>(pieces.size()), [&](int64_t c) {
+    const Piece& p = pieces[c];
+    PanelRange(M, xp, p.panels, p.y, K, p.n, p.p0, p.count);
   });
   return ffi::Error::Success();
 }
@@ -153,5 +149,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(t5like_matmul_packed, MatmulPacked,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs()
+                                  .RemainingRets());

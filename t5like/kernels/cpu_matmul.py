@@ -8,111 +8,21 @@ parameter); `models.layers` then multiplies by it with the kernel here while `en
 time, around a decoding step) and the rows number at most MAX_ROWS, and unpacks it for XLA
 otherwise, so a packed weight is never misread.
 
-The library is compiled from cpu_matmul.cc with the system C++ compiler on first use and cached
-(T5LIKE_KERNEL_CACHE, default ~/.cache/t5like/kernels). Where that fails, or T5LIKE_CPU_KERNELS=0,
-`available()` is False and nothing is packed. Single-device only: the custom call has no sharding
-rule.
+Where the kernels cannot be built (t5like/kernels/library.py), `available()` is False and
+`decode.prepare_params` packs nothing.
 """
 from __future__ import annotations
-
-import contextlib
-import contextvars
-import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5like.kernels import library
+from t5like.kernels.library import available, enabled, unavailable_reason  # noqa: F401
+
 MAX_ROWS = 32
 PANEL = 32
-SOURCE = Path(__file__).with_name('cpu_matmul.cc')
 _TARGET = 't5like_matmul_packed'
-_state: dict = {}
-_enabled = contextvars.ContextVar('t5like_cpu_matmul', default=False)
-
-
-def _cpu_flags() -> str:
-  try:
-    for line in Path('/proc/cpuinfo').read_text().splitlines():
-      if line.startswith('flags'):
-        return line
-  except OSError:
-    pass
-  return platform.processor()
-
-
-def _compile() -> Path:
-  """Builds the library (or reuses a cached build for this source, jaxlib and CPU)."""
-  import jaxlib
-  compiler = os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')
-  if not compiler:
-    raise RuntimeError('no C++ compiler found (set CXX)')
-  include = jax.ffi.include_dir()
-  flags = ['-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fopenmp-simd',
-           f'-I{include}']
-  key = hashlib.sha256('\n'.join([SOURCE.read_text(), jaxlib.__version__, compiler, *flags,
-                                  platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
-  cache = Path(os.environ.get('T5LIKE_KERNEL_CACHE',
-                              Path.home() / '.cache' / 't5like' / 'kernels'))
-  lib = cache / f'cpu_matmul-{key}.so'
-  if lib.exists():
-    return lib
-  cache.mkdir(parents=True, exist_ok=True)
-  # Build beside the target and rename: concurrent builders never see a partial file.
-  fd, tmp = tempfile.mkstemp(suffix='.so', dir=cache)
-  os.close(fd)
-  try:
-    proc = subprocess.run([compiler, *flags, str(SOURCE), '-o', tmp], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-      raise RuntimeError(f'{compiler} failed on {SOURCE.name}:\n{proc.stderr[-2000:]}')
-    os.replace(tmp, lib)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-  return lib
-
-
-def available() -> bool:
-  """Whether the kernels are built and registered with XLA for the CPU (built on first call)."""
-  if 'ok' not in _state:
-    _state['ok'] = False
-    if os.environ.get('T5LIKE_CPU_KERNELS', '1') == '0':
-      _state['why'] = 'disabled by T5LIKE_CPU_KERNELS=0'
-      return False
-    try:
-      lib = ctypes.cdll.LoadLibrary(str(_compile()))
-      jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(lib, _TARGET)),
-                                  platform='cpu')
-      _state['lib'] = lib
-      _state['ok'] = True
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-      _state['why'] = str(e)
-      logging.warning('t5like CPU decoding kernels unavailable, using XLA dots: %s', e)
-  return _state['ok']
-
-
-def unavailable_reason() -> str | None:
-  return None if available() else _state.get('why')
-
-
-@contextlib.contextmanager
-def enabled(on: bool = True):
-  """Within this block (at trace time), projections by a PackedKernel with few rows use the
-  kernel; outside it they unpack for XLA."""
-  token = _enabled.set(on)
-  try:
-    yield
-  finally:
-    _enabled.reset(token)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -201,23 +111,29 @@ def packable(w) -> bool:
 def wanted(x: jax.Array, w) -> bool:
   """Whether `matmul(x, w)` applies here (at trace time): w packed, x float32 with at most
   MAX_ROWS rows, inside `enabled()`, no mesh in context."""
-  if not isinstance(w, PackedKernel) or not _enabled.get() or x.dtype != jnp.float32:
+  if not isinstance(w, PackedKernel) or x.dtype != jnp.float32:
     return False
-  if int(np.prod(x.shape[:-1])) > MAX_ROWS or not jax.sharding.get_abstract_mesh().empty:
-    return False
-  return available()
+  return int(np.prod(x.shape[:-1])) <= MAX_ROWS and library.active()
 
 
 def matmul(x: jax.Array, w: PackedKernel) -> jax.Array:
   """x [..., K] @ W -> [..., N] float32, for a packed W (K contracted, N output columns)."""
-  if x.shape[-1] != w.k:
-    raise ValueError(f'matmul: x {x.shape} does not match a packed weight with K={w.k}')
+  return matmul_fused(x, [w])[0]
+
+
+def matmul_fused(x: jax.Array, ws) -> list[jax.Array]:
+  """[x @ W for W in ws] in one kernel call (one parallel loop over all their panels)."""
+  ws = list(ws)
+  for w in ws:
+    if x.shape[-1] != w.k:
+      raise ValueError(f'matmul: x {x.shape} does not match a packed weight with K={w.k}')
   lead = x.shape[:-1]
   M = int(np.prod(lead))
   if not 1 <= M <= MAX_ROWS:
     raise ValueError(f'matmul: x has {M} rows; the kernel takes 1 to {MAX_ROWS}')
   if not available():
-    raise RuntimeError(f'CPU kernels unavailable: {_state.get("why")}')
-  call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((M, w.n), jnp.float32),
+    raise RuntimeError(f'CPU kernels unavailable: {unavailable_reason()}')
+  call = jax.ffi.ffi_call(_TARGET, [jax.ShapeDtypeStruct((M, w.n), jnp.float32) for w in ws],
                           vmap_method='sequential')
-  return call(x.reshape(M, w.k).astype(jnp.float32), w.panels()).reshape(*lead, w.n)
+  outs = call(x.reshape(M, x.shape[-1]).astype(jnp.float32), *(w.panels() for w in ws))
+  return [y.reshape(*lead, w.n) for y, w in zip(outs, ws)]

@@ -84,9 +84,11 @@ class Einsum(nn.Module):
                                                                self.kernel_axes),
                         self.kernel_shape, policy.param_dtype)
     if isinstance(kernel, cpu_matmul.PackedKernel):   # the CPU decoding layout
-      if cpu_matmul.wanted(x, kernel):
-        y = cpu_matmul.matmul(x.reshape(x.shape[:-self.contract_dims] + (-1,)), kernel)
-        return y.reshape(x.shape[:-self.contract_dims] + self.kernel_shape[self.contract_dims:])
+      lead = x.shape[:-self.contract_dims]
+      x_flat = x.reshape(lead + (-1,))
+      if cpu_matmul.wanted(x_flat, kernel):
+        out_shape = lead + self.kernel_shape[self.contract_dims:]
+        return cpu_matmul.matmul(x_flat, kernel).reshape(out_shape)
       kernel = kernel.unpacked()
     if self.cfg.qat != 'none':
       kernel = quantize.fake_quant_kernel(kernel, self.cfg, self.contract_dims)

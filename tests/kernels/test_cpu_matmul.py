@@ -76,6 +76,17 @@ def test_matmul_transposed_weight_and_leading_dims():
 
 
 @needs_kernel
+def test_fused_matmul_of_several_weights():
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((5, 64)).astype(np.float32)
+  ws = [rng.standard_normal((64, n)).astype(np.float32) for n in (32, 160, 64)]
+  outs = jax.jit(cpu_matmul.matmul_fused)(jnp.asarray(x), [cpu_matmul.pack(jnp.asarray(w))
+                                                           for w in ws])
+  for got, w in zip(outs, ws):
+    np.testing.assert_allclose(got, x @ w, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
 def test_matmul_errors_name_the_problem():
   w = cpu_matmul.pack(jnp.zeros((64, 32)))
   with pytest.raises(ValueError, match='K=64'):
@@ -109,8 +120,8 @@ def test_packed_step_logits_equal_unpacked(name):
   per_layer = 4 + (2 if cfg.is_encdec else 0) + ffn
   assert n_packed == cfg.num_decoder_layers * per_layer + 1
   model = build_model(cfg)
-  B = 3
-  tok = jnp.asarray([[4], [7], [9]], jnp.int32)
+  B = 9   # B * heads > MAX_ROWS: the output projection must count rows, not rows x heads
+  tok = jnp.arange(4, 4 + B, dtype=jnp.int32)[:, None]
   cache = init_cache(cfg, B, 8, 5) if cfg.is_encdec else init_cache(cfg, B, 8)
   if cfg.is_encdec:
     enc = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (B, 5)), jnp.int32)
@@ -120,7 +131,8 @@ def test_packed_step_logits_equal_unpacked(name):
     with cpu_matmul.enabled():
       return model.apply({'params': p}, tok, cache, method='decode_step')[0]
   hlo = jax.jit(step).lower(packed).as_text()
-  assert 't5like_matmul_packed' in hlo                      # the kernel is what runs
+  # Every packed projection runs as the kernel: none falls back to unpacking.
+  assert hlo.count('@t5like_matmul_packed(') == n_packed
   np.testing.assert_allclose(jax.jit(step)(packed), jax.jit(step)(plain), rtol=1e-4, atol=1e-4)
   # Outside enabled() (and for the full forward) a packed weight is unpacked for XLA.
   np.testing.assert_allclose(
