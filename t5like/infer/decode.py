@@ -5,8 +5,9 @@
   beam_search(params, cfg, encoder_tokens, max_new_tokens, num_beams=4, alpha=0.6)
 
 `params` may be in the training layout or the decoding one (`prepare_params`, once per model: saves
-a copy of the decoder weights per call). `inputs` are encoder tokens [B, S] (0 = padding) for an encoder-decoder model, or right-padded
-prompts [B, P] for a decoder-only model (each row's prompt ends at its last non-zero token).
+a copy of the decoder weights per call, and on CPU packs them for the few-row kernel). `inputs` are
+encoder tokens [B, S] (0 = padding) for an encoder-decoder model, or right-padded prompts [B, P]
+for a decoder-only model (each row's prompt ends at its last non-zero token).
 Every row stops at its own EOS (later positions hold 0) unless `stop_at_eos=False`; the loop ends
 when all rows are done. Shape letters: B batch, K beams, S source, P prompt, T new tokens, V vocab.
 """

@@ -87,7 +87,8 @@ def pack(w, contract_dims: int = 1, transposed: bool = False) -> PackedKernel:
   else:
     k, n = int(np.prod(w.shape[:contract_dims])), int(np.prod(w.shape[contract_dims:]))
   if n % PANEL:
-    raise ValueError(f'pack: {n} output columns of a {w.shape} weight are not a multiple of {PANEL}')
+    raise ValueError(f'pack: {n} output columns of a {w.shape} weight are not a multiple of '
+                     f'{PANEL}')
   if transposed:
     panels = w.reshape(n // PANEL, PANEL, k).transpose(0, 2, 1)
   else:
