@@ -30,7 +30,9 @@ constexpr int64_t kMaxRows = 32;
 // y[0:MR, 32 p0 : 32 (p0 + G)] from G adjacent panels (one contiguous run of G * K * 32 floats).
 template <int MR, int G>
 void Panels(const float* x, const float* panels, float* y, int64_t K, int64_t N, int64_t p0) {
-  constexpr int kAhead = 16;    // panel rows prefetched ahead: 2 KB per panel stream
+  // Panel rows prefetched ahead into L1, and with several rows per weight load (when the
+  // hardware prefetcher alone leaves the FMAs waiting) further ahead into L2.
+  constexpr int kAhead = MR > 2 ? 8 : 16, kAheadL2 = 48;
   __m512 acc[MR][2 * G];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < 2 * G; ++v) acc[m][v] = _mm512_setzero_ps();
@@ -39,6 +41,10 @@ void Panels(const float* x, const float* panels, float* y, int64_t K, int64_t N,
     __m512 wv[2 * G];
     for (int g = 0; g < G; ++g) {
       const float* row = base + (g * K + k) * kPanel;
+      if (MR > 2 && k + kAheadL2 < K) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + kAheadL2 * kPanel), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(row + kAheadL2 * kPanel + 16), _MM_HINT_T1);
+      }
       if (k + kAhead < K) {
         _mm_prefetch(reinterpret_cast<const char*>(row + kAhead * kPanel), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(row + kAhead * kPanel + 16), _MM_HINT_T0);
