@@ -25,9 +25,9 @@ from pathlib import Path
 import jax
 
 HERE = Path(__file__).parent
-SOURCES = ('cpu_matmul.cc',)
+SOURCES = ('cpu_matmul.cc', 'decode_attention.cc')
 HEADERS = ('parallel_for.h',)
-TARGETS = ('t5like_matmul_packed',)
+TARGETS = ('t5like_matmul_packed', 't5like_decode_attention')
 _state: dict = {}
 _enabled = contextvars.ContextVar('t5like_cpu_kernels', default=False)
 

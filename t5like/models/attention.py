@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from t5like.config import ModelConfig
+from t5like.kernels import decode_attention
 from t5like.models.layers import Einsum, constrain, normal_init, policy_of
 
 NEG_INF = -1e10  # large but finite, so fully masked rows stay NaN-free
@@ -155,6 +156,11 @@ class Attention(nn.Module):
     k_spec, v_spec = ('BNHS', 'BNSH') if cached else ('BSNH', 'BSNH')
     q_BTNH = constrain(q_BTNH, ('batch', 'length', 'heads', 'kv'))
     k = constrain(k, tuple(_AXES[c] for c in k_spec))
+    if cached and decode_attention.wanted(q_BTNH, k, v) and (deterministic or
+                                                             not cfg.dropout_rate):
+      # A decoding step on CPU: one fused pass per (row, head) (t5like/kernels).
+      ctx_BNH = decode_attention.attend(q_BTNH[:, 0], k, v, bias_BNTS[:, :, 0])
+      return self.out(ctx_BNH[:, None].astype(policy.compute_dtype)), new_cache
     logits_BNTS = jnp.einsum(f'BTNH,{k_spec}->BNTS', q_BTNH, k.astype(q_BTNH.dtype),
                              preferred_element_type=jnp.float32)
     probs_BNTS = jax.nn.softmax(logits_BNTS + bias_BNTS, axis=-1).astype(policy.compute_dtype)

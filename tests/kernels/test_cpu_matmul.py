@@ -131,8 +131,11 @@ def test_packed_step_logits_equal_unpacked(name):
     with cpu_matmul.enabled():
       return model.apply({'params': p}, tok, cache, method='decode_step')[0]
   hlo = jax.jit(step).lower(packed).as_text()
-  # Every packed projection runs as the kernel: none falls back to unpacking.
+  # Every packed projection runs as the kernel (none falls back to unpacking), and so does every
+  # attention (self, and cross for an encoder-decoder).
   assert hlo.count('@t5like_matmul_packed(') == n_packed
+  attentions = cfg.num_decoder_layers * (2 if cfg.is_encdec else 1)
+  assert hlo.count('@t5like_decode_attention(') == attentions
   np.testing.assert_allclose(jax.jit(step)(packed), jax.jit(step)(plain), rtol=1e-4, atol=1e-4)
   # Outside enabled() (and for the full forward) a packed weight is unpacked for XLA.
   np.testing.assert_allclose(
@@ -204,6 +207,6 @@ def test_disabled_or_failed_build_falls_back_to_xla(tmp_path):
       (FALLBACK, {'T5LIKE_CPU_KERNELS': '0'}),
       (FALLBACK, {'CXX': '/bin/false', 'T5LIKE_KERNEL_CACHE': str(tmp_path)})])
   assert 'T5LIKE_CPU_KERNELS=0' in off_out and 'DECODED (1, 3)' in off_out
-  assert 'failed on cpu_matmul.cc' in bad_out and 'DECODED (1, 3)' in bad_out
+  assert 'failed on cpu_matmul.cc decode_attention.cc' in bad_out and 'DECODED (1, 3)' in bad_out
   assert 'kernels unavailable' in bad_err             # the warning says what happened
   assert not list(tmp_path.glob('*.so'))              # nothing half-built left behind
