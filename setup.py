@@ -8,7 +8,7 @@ setup(
     python_requires='>=3.10',
     packages=find_packages(include=['t5like', 't5like.*']),
     # Compiled on first use by t5like/kernels/cpu_matmul.py.
-    package_data={'t5like.kernels': ['*.cc']},
+    package_data={'t5like.kernels': ['*.cc', '*.h']},
     install_requires=[
         'jax>=0.10,<0.11',
         'flax>=0.12,<0.13',
