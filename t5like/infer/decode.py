@@ -22,7 +22,7 @@ import numpy as np
 
 from t5like import precision
 from t5like.config import ModelConfig
-from t5like.kernels import cpu_matmul
+from t5like.kernels import cpu_matmul, token_pick
 from t5like.models import build_model, init_cache
 from t5like.models.transformer import unroll_for_decoding, unroll_params
 
@@ -120,11 +120,22 @@ def argmax(logits_BV):
   XLA:CPU runs the (value, index) pair reduction of jnp.argmax about 8x slower than a max; this
   is a max, then the smallest index holding it. Rows with NaN give index 0.
   """
+  if token_pick.wanted(logits_BV):   # inside a decoding loop on CPU: one fused pass
+    return token_pick.greedy(logits_BV)[0]
   V = logits_BV.shape[-1]
   top_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
   iota = jax.lax.broadcasted_iota(jnp.int32, logits_BV.shape, logits_BV.ndim - 1)
   idx_B = jnp.min(jnp.where(logits_BV == top_B1, iota, V), axis=-1)
   return jnp.where(idx_B == V, 0, idx_B).astype(jnp.int32)
+
+
+def greedy_pick(logits_BV):
+  """(argmax token [B], its log-probability [B]); on CPU inside a decoding loop, one kernel."""
+  with cpu_matmul.enabled():
+    if token_pick.wanted(logits_BV):
+      return token_pick.greedy(logits_BV)
+  tok_B = argmax(logits_BV)
+  return tok_B, token_logprob(logits_BV, tok_B)
 
 
 def token_logprob(logits_BV, tok_B):
@@ -164,8 +175,7 @@ def _loop(params, cfg, inputs, max_new_tokens, select, stop_at_eos, rng):
 
   def emit(i, logits_BV, out_BT, done_B, lengths_B, score_B):
     """Chooses token i of every row from its logits and records it (0 once a row is done)."""
-    tok_B = select(logits_BV, jax.random.fold_in(rng, i))
-    logp_B = token_logprob(logits_BV, tok_B)
+    tok_B, logp_B = select(logits_BV, jax.random.fold_in(rng, i))
     tok_B = jnp.where(done_B, 0, tok_B)
     score_B = score_B + jnp.where(done_B, 0.0, logp_B)
     lengths_B = lengths_B + (~done_B).astype(jnp.int32)
@@ -196,7 +206,7 @@ def _loop(params, cfg, inputs, max_new_tokens, select, stop_at_eos, rng):
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'stop_at_eos'))
 def greedy(params, cfg: ModelConfig, inputs, max_new_tokens: int, stop_at_eos: bool = True):
-  select = lambda logits_BV, _: argmax(logits_BV)
+  select = lambda logits_BV, _: greedy_pick(logits_BV)
   return _loop(params, cfg, inputs, max_new_tokens, select, stop_at_eos, jax.random.key(0))
 
 
@@ -207,7 +217,8 @@ def sample(params, cfg: ModelConfig, inputs, max_new_tokens: int, rng, temperatu
   def select(logits_BV, key):
     filtered = filter_logits(logits_BV, temperature, top_k, top_p)
     drawn = jax.random.categorical(key, filtered, axis=-1)
-    return jnp.where(temperature <= 0, argmax(logits_BV), drawn).astype(jnp.int32)
+    tok_B = jnp.where(temperature <= 0, argmax(logits_BV), drawn).astype(jnp.int32)
+    return tok_B, token_logprob(logits_BV, tok_B)
   return _loop(params, cfg, inputs, max_new_tokens, select, stop_at_eos, rng)
 
 

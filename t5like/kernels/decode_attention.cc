@@ -2,12 +2,16 @@
 //
 //   t5like_decode_attention: ctx[B, N, H] = softmax(q . k + bias) . v
 //   q [B, N, H], keys [B, N, H, S], values [B, N, S, H], bias [B, N, S] (masks folded in).
+//   t5like_decode_attention_cached: the same after writing each row's new key and value [B, N, H]
+//   into the cache (aliased in place) at that row's index [B], over positions up to that index
+//   only (causal self-attention: later positions are masked anyway, so they are not read).
 //
 // XLA:CPU runs the two products as B * N tiny batched dots plus separate softmax passes; here
 // each (row, head) is one pass over its keys and one over its values, with a vector exp.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -16,6 +20,7 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "parallel_for.h"
+#include "vector_math.h"
 
 namespace ffi = xla::ffi;
 
@@ -23,31 +28,9 @@ namespace {
 
 #if defined(__AVX512F__)
 
-inline __mmask16 Tail(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
-}
-
-// exp(x) for float32 lanes: Cephes' polynomial on x - n ln 2, scaled by 2^n; 0 below -87.
-inline __m512 Exp(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.0f);
-  __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.0f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~underflow), p, n);
-}
-
+// Positions [0, S) of a cache whose key rows are `stride` floats apart.
 void Head(const float* q, const float* keys, const float* values, const float* bias, float* ctx,
-          int64_t H, int64_t S, float* scores) {
+          int64_t H, int64_t S, int64_t stride, float* scores) {
   // Scores, 128 positions at a time: each key row h is read as one contiguous run.
   constexpr int kBlock = 8;
   __m512 top = _mm512_set1_ps(-INFINITY);
@@ -61,7 +44,7 @@ void Head(const float* q, const float* keys, const float* values, const float* b
     }
     for (int64_t h = 0; h < H; ++h) {
       __m512 qh = _mm512_set1_ps(q[h]);
-      const float* row = keys + h * S + s0;
+      const float* row = keys + h * stride + s0;
       for (int j = 0; j < kBlock; ++j)
         acc[j] = _mm512_fmadd_ps(qh, _mm512_maskz_loadu_ps(mask[j], row + 16 * j), acc[j]);
     }
@@ -116,10 +99,10 @@ void Head(const float* q, const float* keys, const float* values, const float* b
 #else  // Portable loops for CPUs without AVX-512.
 
 void Head(const float* q, const float* keys, const float* values, const float* bias, float* ctx,
-          int64_t H, int64_t S, float* scores) {
+          int64_t H, int64_t S, int64_t stride, float* scores) {
   for (int64_t s = 0; s < S; ++s) scores[s] = bias[s];
   for (int64_t h = 0; h < H; ++h)
-    for (int64_t s = 0; s < S; ++s) scores[s] += q[h] * keys[h * S + s];
+    for (int64_t s = 0; s < S; ++s) scores[s] += q[h] * keys[h * stride + s];
   float top = *std::max_element(scores, scores + S), total = 0.f;
   for (int64_t s = 0; s < S; ++s) total += (scores[s] = std::exp(scores[s] - top));
   for (int64_t h = 0; h < H; ++h) ctx[h] = 0.f;
@@ -130,32 +113,86 @@ void Head(const float* q, const float* keys, const float* values, const float* b
 
 #endif
 
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                           ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
-                           ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> ctx) {
+// Shape checks shared by both handlers; B, N, H, S from q and keys.
+ffi::Error CheckShapes(const char* name, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& keys,
+                       ffi::Buffer<ffi::F32>& values, ffi::Buffer<ffi::F32>& bias) {
   auto qd = q.dimensions(), kd = keys.dimensions(), vd = values.dimensions(),
        bd = bias.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || bd.size() != 3)
-    return ffi::Error::InvalidArgument(
-        "t5like_decode_attention: want q [B,N,H], keys [B,N,H,S], values [B,N,S,H], bias [B,N,S]");
+    return ffi::Error::InvalidArgument(std::string(name) +
+        ": want q [B,N,H], keys [B,N,H,S], values [B,N,S,H], bias [B,N,S]");
   const int64_t B = qd[0], N = qd[1], H = qd[2], S = kd[3];
   if (kd[0] != B || kd[1] != N || kd[2] != H || vd[0] != B || vd[1] != N || vd[2] != S ||
       vd[3] != H || bd[0] != B || bd[1] != N || bd[2] != S)
-    return ffi::Error::InvalidArgument("t5like_decode_attention: shapes of q, keys, values and "
-                                       "bias disagree");
-  const float *qp = q.typed_data(), *kp = keys.typed_data(), *vp = values.typed_data(),
-              *bp = bias.typed_data();
-  float* out = ctx->typed_data();
-  const int64_t heads = B * N;
-  // Waking a helper costs more than a small cache read: below ~1 MB of K/V stay on one thread.
-  const int64_t bytes = heads * S * H * 8;
+    return ffi::Error::InvalidArgument(std::string(name) +
+                                       ": shapes of q, keys, values and bias disagree");
+  return ffi::Error::Success();
+}
+
+// Runs head(i) for the B * N (row, head) pairs, on one thread below ~1 MB of K/V read (waking a
+// helper costs more than that).
+template <typename F>
+void ForHeads(ffi::ThreadPool& pool, int64_t heads, int64_t bytes, F head) {
   const int64_t chunks = bytes < (1 << 20) ? 1 : std::min<int64_t>(heads, 4 * pool.num_threads());
   const int64_t per = (heads + chunks - 1) / chunks;
   t5like::ParallelFor(pool, (heads + per - 1) / per, [&](int64_t c) {
-    std::vector<float> scores(S);
-    for (int64_t i = c * per; i < std::min(heads, (c + 1) * per); ++i)
-      Head(qp + i * H, kp + i * H * S, vp + i * S * H, bp + i * S, out + i * H, H, S,
-           scores.data());
+    for (int64_t i = c * per; i < std::min(heads, (c + 1) * per); ++i) head(i);
+  });
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                           ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
+                           ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> ctx) {
+  if (auto e = CheckShapes("t5like_decode_attention", q, keys, values, bias); e.failure())
+    return e;
+  const int64_t B = q.dimensions()[0], N = q.dimensions()[1], H = q.dimensions()[2],
+                S = keys.dimensions()[3];
+  const float *qp = q.typed_data(), *kp = keys.typed_data(), *vp = values.typed_data(),
+              *bp = bias.typed_data();
+  float* out = ctx->typed_data();
+  ForHeads(pool, B * N, B * N * S * H * 8, [&](int64_t i) {
+    thread_local std::vector<float> scores;
+    scores.resize(S);
+    Head(qp + i * H, kp + i * H * S, vp + i * S * H, bp + i * S, out + i * H, H, S, S,
+         scores.data());
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error DecodeAttentionCached(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                 ffi::Buffer<ffi::F32> new_keys, ffi::Buffer<ffi::F32> new_values,
+                                 ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
+                                 ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::S32> index,
+                                 ffi::ResultBuffer<ffi::F32> ctx,
+                                 ffi::ResultBuffer<ffi::F32> keys_out,
+                                 ffi::ResultBuffer<ffi::F32> values_out) {
+  if (auto e = CheckShapes("t5like_decode_attention_cached", q, keys, values, bias); e.failure())
+    return e;
+  const int64_t B = q.dimensions()[0], N = q.dimensions()[1], H = q.dimensions()[2],
+                S = keys.dimensions()[3];
+  const auto count = [](auto& buffer) { return static_cast<int64_t>(buffer.element_count()); };
+  if (count(new_keys) != B * N * H || count(new_values) != B * N * H || count(index) != B)
+    return ffi::Error::InvalidArgument(
+        "t5like_decode_attention_cached: want new keys and values [B,N,H] and index [B]");
+  float *kc = keys_out->typed_data(), *vc = values_out->typed_data();
+  // The outputs alias the cache inputs; copy only if XLA gave separate buffers.
+  if (kc != keys.typed_data()) std::copy_n(keys.typed_data(), keys.element_count(), kc);
+  if (vc != values.typed_data()) std::copy_n(values.typed_data(), values.element_count(), vc);
+  const float *qp = q.typed_data(), *kn = new_keys.typed_data(), *vn = new_values.typed_data(),
+              *bp = bias.typed_data();
+  const int32_t* ip = index.typed_data();
+  float* out = ctx->typed_data();
+  ForHeads(pool, B * N, B * N * S * H * 8, [&](int64_t i) {
+    const int64_t pos = ip[i / N];
+    float *krow = kc + i * H * S, *vrow = vc + i * S * H;
+    if (pos >= 0 && pos < S) {   // a position past the end is dropped, as XLA's scatter does
+      for (int64_t h = 0; h < H; ++h) krow[h * S + pos] = kn[i * H + h];
+      std::copy_n(vn + i * H, H, vrow + pos * H);
+    }
+    const int64_t used = std::clamp<int64_t>(pos + 1, 1, S);
+    thread_local std::vector<float> scores;
+    scores.resize(S);
+    Head(qp + i * H, krow, vrow, bp + i * S, out + i * H, H, used, S, scores.data());
   });
   return ffi::Error::Success();
 }
@@ -169,4 +206,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(t5like_decode_attention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(t5like_decode_attention_cached, DecodeAttentionCached,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

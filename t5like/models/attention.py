@@ -145,6 +145,12 @@ class Attention(nn.Module):
       q_BTNH = rope(q_BTNH, rope_q_pos, cfg.rope_max_wavelength)
       k = rope(k, rope_k_pos, cfg.rope_max_wavelength)
     new_cache = None
+    if (cache is not None and decode_attention.wanted(q_BTNH, *cache) and k.dtype == jnp.float32
+        and (deterministic or not cfg.dropout_rate)):
+      # A decoding step on CPU: cache write and attention in one pass (t5like/kernels).
+      ctx_BNH, *new_cache = decode_attention.attend_cached(
+          q_BTNH[:, 0], k[:, 0], v[:, 0], cache[0], cache[1], bias_BNTS[:, :, 0], cache_index_B)
+      return self.out(ctx_BNH[:, None].astype(policy.compute_dtype)), tuple(new_cache)
     if cache is not None:
       k = write_cache(cache[0], k, cache_index_B, keys=True)
       v = write_cache(cache[1], v, cache_index_B, keys=False)

@@ -132,11 +132,21 @@ def test_packed_step_logits_equal_unpacked(name):
       return model.apply({'params': p}, tok, cache, method='decode_step')[0]
   hlo = jax.jit(step).lower(packed).as_text()
   # Every packed projection runs as the kernel (none falls back to unpacking), and so does every
-  # attention (self, and cross for an encoder-decoder).
+  # attention: self-attention with its cache write, and cross-attention for an encoder-decoder.
   assert hlo.count('@t5like_matmul_packed(') == n_packed
-  attentions = cfg.num_decoder_layers * (2 if cfg.is_encdec else 1)
-  assert hlo.count('@t5like_decode_attention(') == attentions
+  assert hlo.count('@t5like_decode_attention_cached(') == cfg.num_decoder_layers
+  assert hlo.count('@t5like_decode_attention(') == (cfg.num_decoder_layers if cfg.is_encdec else 0)
   np.testing.assert_allclose(jax.jit(step)(packed), jax.jit(step)(plain), rtol=1e-4, atol=1e-4)
+  # Against XLA's ops alone (no kernel at all), logits and the updated cache.
+  xla_step = lambda p: model.apply({'params': p}, tok, cache, method='decode_step')
+  want_logits, want_cache = jax.jit(xla_step)(plain)
+  with cpu_matmul.enabled():
+    got_logits, got_cache = jax.jit(xla_step)(packed)
+  assert '_cached(' not in jax.jit(xla_step).lower(plain).as_text()
+  np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+  for name in want_cache:
+    np.testing.assert_allclose(np.asarray(got_cache[name]), np.asarray(want_cache[name]),
+                               rtol=1e-5, atol=1e-5, err_msg=name)
   # Outside enabled() (and for the full forward) a packed weight is unpacked for XLA.
   np.testing.assert_allclose(
       model.apply({'params': packed}, tok, cache, method='decode_step')[0],
@@ -207,6 +217,6 @@ def test_disabled_or_failed_build_falls_back_to_xla(tmp_path):
       (FALLBACK, {'T5LIKE_CPU_KERNELS': '0'}),
       (FALLBACK, {'CXX': '/bin/false', 'T5LIKE_KERNEL_CACHE': str(tmp_path)})])
   assert 'T5LIKE_CPU_KERNELS=0' in off_out and 'DECODED (1, 3)' in off_out
-  assert 'failed on cpu_matmul.cc decode_attention.cc' in bad_out and 'DECODED (1, 3)' in bad_out
+  assert 'failed on cpu_matmul.cc decode_attention.cc token_pick.cc' in bad_out and 'DECODED (1, 3)' in bad_out
   assert 'kernels unavailable' in bad_err             # the warning says what happened
   assert not list(tmp_path.glob('*.so'))              # nothing half-built left behind
