@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from t5like.config import ModelConfig
 from t5like.kernels import decode_attention
-from t5like.models.layers import Einsum, constrain, normal_init, policy_of
+from t5like.models.layers import (Einsum, constrain, fused_packed_projections, normal_init,
+                                  policy_of)
 
 NEG_INF = -1e10  # large but finite, so fully masked rows stay NaN-free
 
@@ -136,10 +137,15 @@ class Attention(nn.Module):
     """
     cfg = self.cfg
     policy = policy_of(cfg)
-    q_BTNH = self.query(x_BTD)
+    fused = None if kv is not None or kv_BSD is not None else fused_packed_projections(
+        self, ('query', 'key', 'value'), x_BTD)   # a CPU decoding step: one call for q, k, v
+    if fused:
+      q_BTNH, k, v = fused
+    else:
+      q_BTNH = self.query(x_BTD)
     if kv is not None:
       k, v = kv
-    else:
+    elif not fused:
       k, v = self.project_kv(x_BTD if kv_BSD is None else kv_BSD)
     if rope_q_pos is not None:
       q_BTNH = rope(q_BTNH, rope_q_pos, cfg.rope_max_wavelength)

@@ -112,6 +112,21 @@ class Einsum(nn.Module):
     return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32 if self.out_f32 else None)
 
 
+def fused_packed_projections(module: nn.Module, names: Sequence[str], x):
+  """[einsum of x with child Einsum `name`'s kernel for each name] as one CPU kernel call, when
+  those kernels are packed (decoding layout, one contracted dim) and the kernel applies here;
+  else None, and the caller applies the children one by one."""
+  params = module.variables.get('params', {})
+  kernels = [params.get(name, {}).get('kernel') for name in names]
+  if not all(isinstance(k, cpu_matmul.PackedKernel) and not k.transposed for k in kernels):
+    return None
+  x_flat = x.reshape(-1, x.shape[-1])
+  if not all(k.k == x.shape[-1] for k in kernels) or not cpu_matmul.wanted(x_flat, kernels[0]):
+    return None
+  outs = cpu_matmul.matmul_fused(x_flat, kernels)
+  return [y.reshape(x.shape[:-1] + k.shape[1:]) for y, k in zip(outs, kernels)]
+
+
 class Embed(nn.Module):
   """Token embedding [V, D]; `attend` gives logits against it (tied output layer)."""
   cfg: ModelConfig
@@ -169,7 +184,9 @@ class MLP(nn.Module):
     proj = lambda name: Einsum(cfg, 'BTD,DF->BTF', (D, F), ('embed', 'mlp'), D ** -0.5, name=name)
     if cfg.ffn_activation in ('gated-gelu', 'swiglu'):
       act = nn.gelu if cfg.ffn_activation == 'gated-gelu' else nn.silu
-      h_BTF = act(proj('wi_0')(x_BTD)) * proj('wi_1')(x_BTD)
+      fused = fused_packed_projections(self, ('wi_0', 'wi_1'), x_BTD)
+      gate_BTF, up_BTF = fused or (proj('wi_0')(x_BTD), proj('wi_1')(x_BTD))
+      h_BTF = act(gate_BTF) * up_BTF
     else:
       act = nn.relu if cfg.ffn_activation == 'relu' else nn.gelu
       h_BTF = act(proj('wi')(x_BTD))

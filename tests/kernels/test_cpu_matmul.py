@@ -1,6 +1,7 @@
 """The CPU decoding kernel (t5like/kernels/cpu_matmul): packing, the product against float64
 references, its use in model projections and decoding, and the fallbacks when it cannot run."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,9 +132,14 @@ def test_packed_step_logits_equal_unpacked(name):
     with cpu_matmul.enabled():
       return model.apply({'params': p}, tok, cache, method='decode_step')[0]
   hlo = jax.jit(step).lower(packed).as_text()
-  # Every packed projection runs as the kernel (none falls back to unpacking), and so does every
-  # attention: self-attention with its cache write, and cross-attention for an encoder-decoder.
-  assert hlo.count('@t5like_matmul_packed(') == n_packed
+  # Every packed projection runs as the kernel (none falls back to unpacking): q/k/v in one call,
+  # and the gated FFN's two input projections in one. So does every attention: self-attention with
+  # its cache write, and cross-attention for an encoder-decoder.
+  calls = hlo.count('@t5like_matmul_packed(')
+  operands = re.findall(r'@t5like_matmul_packed\(([^)]*)\)', hlo)
+  assert sum(len(o.split(',')) - 1 for o in operands) == n_packed   # weights: operands but x
+  fused_away = 2 + (1 if ffn == 3 else 0)
+  assert calls == n_packed - cfg.num_decoder_layers * fused_away
   assert hlo.count('@t5like_decode_attention_cached(') == cfg.num_decoder_layers
   assert hlo.count('@t5like_decode_attention(') == (cfg.num_decoder_layers if cfg.is_encdec else 0)
   np.testing.assert_allclose(jax.jit(step)(packed), jax.jit(step)(plain), rtol=1e-4, atol=1e-4)
