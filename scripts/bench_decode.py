@@ -8,8 +8,9 @@ over the fastest rate at which a matrix-vector product streams a matrix of that 
 run (XLA's dot, or the CPU decoding kernel; the bound for batch-1 decoding here). The parameters
 are put in the decoding layout once (`decode.prepare_params`, as a server does at load;
 `prepare_s`: per-layer weights, packed for the CPU kernel when `cpu_kernel`);
-`b1_unprepared_new_tokens_per_s` is batch 1 from the training layout (XLA's dots). `--compare_torch` also times transformers' PyTorch T5 on the
-same config in the same run, so the ratios come from one run.
+`b1_unprepared_new_tokens_per_s` is batch 1 from the training layout (XLA's dots).
+`--compare_torch` also times transformers' PyTorch T5 on the same config in the same run, its
+calls alternating with ours, so the ratios come from one run and one state of the host.
 """
 from __future__ import annotations
 
@@ -67,25 +68,21 @@ def decoder_weight_bytes(params) -> int:
   return dec + out
 
 
-def time_jax(params, cfg, batch, input_len, new_tokens, runs):
+def jax_runner(params, cfg, batch, input_len, new_tokens):
+  """(one timed greedy call, compile seconds), compiled and warmed up."""
   rng = np.random.default_rng(batch)
   enc = jnp.asarray(rng.integers(2, cfg.vocab_size, (batch, input_len)), jnp.int32)
   t = time.perf_counter()
-  lowered = decode.greedy.lower(params, cfg, enc, new_tokens, stop_at_eos=False)
-  compiled = lowered.compile()
+  compiled = decode.greedy.lower(params, cfg, enc, new_tokens, stop_at_eos=False).compile()
   compile_s = time.perf_counter() - t
   out = compiled(params, enc)
   out.tokens.block_until_ready()
   assert int(out.lengths.min()) == new_tokens, 'benchmark must generate exactly new_tokens'
-  times = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    compiled(params, enc).tokens.block_until_ready()
-    times.append(time.perf_counter() - t)
-  return batch * new_tokens / statistics.median(times), compile_s
+  return lambda: compiled(params, enc).tokens.block_until_ready(), compile_s
 
 
-def time_torch(variant_cfg, batch, input_len, new_tokens, runs):
+def torch_runner(variant_cfg, batch, input_len, new_tokens):
+  """One timed `generate` call of transformers' PyTorch T5 on the same config, warmed up."""
   import torch
   import transformers
   torch.manual_seed(0)
@@ -98,14 +95,24 @@ def time_torch(variant_cfg, batch, input_len, new_tokens, runs):
   model = transformers.T5ForConditionalGeneration(hf_cfg).eval()
   enc = torch.randint(2, variant_cfg.vocab_size, (batch, input_len))
   kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1)
-  with torch.no_grad():
-    model.generate(enc, **kw)
-    times = []
-    for _ in range(runs):
-      t = time.perf_counter()
+
+  def call():
+    with torch.no_grad():
       model.generate(enc, **kw)
-      times.append(time.perf_counter() - t)
-  return batch * new_tokens / statistics.median(times)
+  call()
+  return call
+
+
+def median_rates(runners: dict, tokens: int, runs: int) -> dict:
+  """New tokens/s of each runner: median of `runs` calls, the runners' calls alternating, so
+  that a change in the host's speed during the run falls on all of them alike."""
+  times = {name: [] for name in runners}
+  for _ in range(runs):
+    for name, call in runners.items():
+      t = time.perf_counter()
+      call()
+      times[name].append(time.perf_counter() - t)
+  return {name: tokens / statistics.median(ts) for name, ts in times.items()}
 
 
 def run(args) -> dict:
@@ -120,12 +127,20 @@ def run(args) -> dict:
   result['cpu_kernel'] = cpu_matmul.available()
   batches = [int(x) for x in args.batches.split(',')]
   for b in batches:
-    tps, compile_s = time_jax(prepared, cfg, b, args.input_len, args.new_tokens, args.runs)
-    result[f'b{b}_new_tokens_per_s'] = round(tps, 2)
+    runners = {}
+    runners['jax'], compile_s = jax_runner(prepared, cfg, b, args.input_len, args.new_tokens)
     result['compile_s'][f'b{b}'] = round(compile_s, 2)
-  if 1 in batches:
-    tps, _ = time_jax(params, cfg, 1, args.input_len, args.new_tokens, args.runs)
-    result['b1_unprepared_new_tokens_per_s'] = round(tps, 2)
+    if b == 1:
+      runners['unprepared'], _ = jax_runner(params, cfg, 1, args.input_len, args.new_tokens)
+    if args.compare_torch:
+      runners['torch'] = torch_runner(cfg, b, args.input_len, args.new_tokens)
+    rates = median_rates(runners, b * args.new_tokens, args.runs)
+    result[f'b{b}_new_tokens_per_s'] = round(rates['jax'], 2)
+    if 'unprepared' in rates:
+      result['b1_unprepared_new_tokens_per_s'] = round(rates['unprepared'], 2)
+    if 'torch' in rates:
+      result[f'torch_b{b}_new_tokens_per_s'] = round(rates['torch'], 2)
+      result[f'speedup_b{b}'] = round(rates['jax'] / rates['torch'], 2)
   weight_bytes = decoder_weight_bytes(params)
   rates = measure_stream_bandwidth(weight_bytes)
   bandwidth = max(rates.values())
@@ -135,11 +150,6 @@ def run(args) -> dict:
   result['bandwidth_bound_b1_tokens_per_s'] = round(bandwidth / weight_bytes, 2)
   if 'b1_new_tokens_per_s' in result:
     result['b1_bandwidth_use'] = round(result['b1_new_tokens_per_s'] * weight_bytes / bandwidth, 3)
-  if args.compare_torch:
-    for b in [int(x) for x in args.batches.split(',')]:
-      tps = time_torch(cfg, b, args.input_len, args.new_tokens, max(2, args.runs // 2))
-      result[f'torch_b{b}_new_tokens_per_s'] = round(tps, 2)
-      result[f'speedup_b{b}'] = round(result[f'b{b}_new_tokens_per_s'] / tps, 2)
   return result
 
 
