@@ -30,13 +30,13 @@ from t5like.models.transformer import unroll_for_decoding, unroll_params
 def prepare_params(cfg: ModelConfig, params, pack: bool | None = None):
   """The parameters in the decoding layout, for repeated decoding (a server does this at load).
 
-  The decoder's layer weights are split per layer (`unroll_params`: every function here accepts
-  either layout, but one given the training layout splits it, a copy, on each call). On a CPU, the
+  The decoder's and encoder's layer weights are split per layer (`unroll_params`: every function
+  here accepts either layout, but one given the training layout splits it, a copy, on each call). On a CPU, the
   weights a decoding step multiplies by are also packed into panels for the few-row kernel of
   `t5like.kernels.cpu_matmul` (`pack=None`: when it is built and the model runs in float32 with
   unquantised weights; the decoder's other weights and the encoder stay as they are). Idempotent.
   """
-  params = unroll_params(cfg, params)   # eager: only the decoder stack is copied, the rest shared
+  params = unroll_params(cfg, params, encoder=True)   # eager: the stacks are copied, the rest shared
   if pack is None:
     pack = (precision.get_policy(cfg.precision).compute_dtype == jnp.float32
             and cfg.weight_quant == 'none' and cfg.qat == 'none' and cfg.activation_quant == 'none'
@@ -93,7 +93,8 @@ def _prefill(params, cfg: ModelConfig, inputs_BS, max_new_tokens: int, batch_rep
   B, S = inputs_BS.shape
   if cfg.is_encdec:
     cache = init_cache(cfg, B, max_new_tokens, S)
-    cache = model.apply({'params': params}, inputs_BS, cache, method='prefill')
+    with cpu_matmul.enabled():   # the encoder's attention
+      cache = model.apply({'params': params}, inputs_BS, cache, method='prefill')
     start_B1 = jnp.full((B, 1), cfg.decoder_start_id, jnp.int32)
     logits_BV, cache = _step(params, cfg, start_B1[:, 0], cache)
     return cache, logits_BV

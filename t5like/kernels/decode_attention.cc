@@ -5,6 +5,8 @@
 //   t5like_decode_attention_cached: the same after writing each row's new key and value [B, N, H]
 //   into the cache (aliased in place) at that row's index [B], over positions up to that index
 //   only (causal self-attention: later positions are masked anyway, so they are not read).
+//   t5like_prefill_attention: ctx[B, T, N, H] for all T queries (an encoder, or a prompt) in the
+//   training layouts q [B, T, N, H], k and v [B, S, N, H], bias [B, N, T, S].
 //
 // XLA:CPU runs the two products as B * N tiny batched dots plus separate softmax passes; here
 // each (row, head) is one pass over its keys and one over its values, with a vector exp.
@@ -159,6 +161,44 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return ffi::Error::Success();
 }
 
+ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                            ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                            ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> ctx) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), bd = bias.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || bd.size() != 4)
+    return ffi::Error::InvalidArgument(
+        "t5like_prefill_attention: want q [B,T,N,H], k and v [B,S,N,H], bias [B,N,T,S]");
+  const int64_t B = qd[0], T = qd[1], N = qd[2], H = qd[3], S = kd[1];
+  if (kd[0] != B || kd[2] != N || kd[3] != H || vd[0] != B || vd[1] != S || vd[2] != N ||
+      vd[3] != H || bd[0] != B || bd[1] != N || bd[2] != T || bd[3] != S)
+    return ffi::Error::InvalidArgument("t5like_prefill_attention: shapes of q, k, v and bias "
+                                       "disagree");
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(),
+              *bp = bias.typed_data();
+  float* out = ctx->typed_data();
+  // One (row, head) per task: its keys transposed to [H, S] and values gathered to [S, H] once,
+  // then one pass per query over those (in L1/L2) as in a decoding step.
+  const int64_t heads = B * N;
+  const int64_t chunks = std::min<int64_t>(heads, 4 * pool.num_threads());
+  const int64_t per = (heads + chunks - 1) / chunks;
+  t5like::ParallelFor(pool, (heads + per - 1) / per, [&](int64_t c) {
+    std::vector<float> keys(H * S), values(S * H), scores(S);
+    for (int64_t i = c * per; i < std::min(heads, (c + 1) * per); ++i) {
+      const int64_t b = i / N, n = i % N;
+      for (int64_t s = 0; s < S; ++s) {
+        const float* kr = kp + ((b * S + s) * N + n) * H;
+        for (int64_t h = 0; h < H; ++h) keys[h * S + s] = kr[h];
+        std::copy_n(vp + ((b * S + s) * N + n) * H, H, values.data() + s * H);
+      }
+      for (int64_t t = 0; t < T; ++t)
+        Head(qp + ((b * T + t) * N + n) * H, keys.data(), values.data(),
+             bp + ((b * N + n) * T + t) * S, out + ((b * T + t) * N + n) * H, H, S, S,
+             scores.data());
+    }
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error DecodeAttentionCached(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                  ffi::Buffer<ffi::F32> new_keys, ffi::Buffer<ffi::F32> new_values,
                                  ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
@@ -220,4 +260,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(t5like_decode_attention_cached, DecodeAttentionCac
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(t5like_prefill_attention, PrefillAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

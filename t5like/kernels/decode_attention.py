@@ -4,8 +4,10 @@
 float32, in the cache layouts of t5like/models/attention.py. `attend_cached(...)` first writes the
 step's keys and values into a self-attention cache in place (no separate scatter, which XLA runs
 as one strided write per key element) and reads only the positions up to each row's own.
-`wanted(...)` says whether a model's attention call may use them here: float32, one query, inside
-`library.enabled()`.
+`attend_prefill(q_BTNH, k_BSNH, v_BSNH, bias_BNTS)` is the same for every query of a prefill (an
+encoder, a prompt) in the training layouts; XLA:CPU runs that attention at a few GFLOP/s.
+`wanted(...)` and `wanted_prefill(...)` say whether a model's attention call may use them here:
+float32, one query (or several), inside `library.enabled()`.
 """
 from __future__ import annotations
 
@@ -16,11 +18,17 @@ from t5like.kernels import library
 
 _TARGET = 't5like_decode_attention'
 _CACHED_TARGET = 't5like_decode_attention_cached'
+_PREFILL_TARGET = 't5like_prefill_attention'
 
 
 def wanted(q_BTNH, keys, values) -> bool:
   return (q_BTNH.shape[1] == 1 and all(a.dtype == jnp.float32 for a in (q_BTNH, keys, values))
           and library.active())
+
+
+def wanted_prefill(q_BTNH, k_BSNH, v_BSNH) -> bool:
+  return (q_BTNH.ndim == 4 and q_BTNH.shape[1] > 1
+          and all(a.dtype == jnp.float32 for a in (q_BTNH, k_BSNH, v_BSNH)) and library.active())
 
 
 def _check(name, q_BNH, keys_BNHS, values_BNSH):
@@ -64,3 +72,18 @@ def attend_cached(q_BNH, new_keys_BNH, new_values_BNH, keys_BNHS, values_BNSH, b
   return call(q_BNH.astype(jnp.float32), new_keys_BNH.astype(jnp.float32),
               new_values_BNH.astype(jnp.float32), keys_BNHS, values_BNSH, bias,
               jnp.broadcast_to(index_B, (B,)).astype(jnp.int32))
+
+
+def attend_prefill(q_BTNH, k_BSNH, v_BSNH, bias_BNTS):
+  """Context [B, T, N, H] of every query; bias may be any shape that broadcasts to [B, N, T, S]."""
+  B, T, N, H = q_BTNH.shape
+  S = k_BSNH.shape[1]
+  if k_BSNH.shape != (B, S, N, H) or v_BSNH.shape != (B, S, N, H):
+    raise ValueError(f'attend_prefill: q {q_BTNH.shape}, k {k_BSNH.shape} and v {v_BSNH.shape} '
+                     'are not [B,T,N,H], [B,S,N,H], [B,S,N,H]')
+  if not library.available():
+    raise RuntimeError(f'CPU kernels unavailable: {library.unavailable_reason()}')
+  bias = jnp.broadcast_to(bias_BNTS.astype(jnp.float32), (B, N, T, S))
+  call = jax.ffi.ffi_call(_PREFILL_TARGET, jax.ShapeDtypeStruct((B, T, N, H), jnp.float32),
+                          vmap_method='sequential')
+  return call(q_BTNH, k_BSNH, v_BSNH, bias)

@@ -28,7 +28,7 @@ HERE = Path(__file__).parent
 SOURCES = ('cpu_matmul.cc', 'decode_attention.cc', 'token_pick.cc')
 HEADERS = ('parallel_for.h', 'vector_math.h')
 TARGETS = ('t5like_matmul_packed', 't5like_decode_attention', 't5like_decode_attention_cached',
-           't5like_greedy_pick')
+           't5like_prefill_attention', 't5like_greedy_pick')
 _state: dict = {}
 _enabled = contextvars.ContextVar('t5like_cpu_kernels', default=False)
 

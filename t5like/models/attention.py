@@ -173,6 +173,11 @@ class Attention(nn.Module):
       # A decoding step on CPU: one fused pass per (row, head) (t5like/kernels).
       ctx_BNH = decode_attention.attend(q_BTNH[:, 0], k, v, bias_BNTS[:, :, 0])
       return self.out(ctx_BNH[:, None].astype(policy.compute_dtype)), new_cache
+    if (not cached and decode_attention.wanted_prefill(q_BTNH, k, v)
+        and (deterministic or not cfg.dropout_rate)):
+      # A prefill (encoder, prompt) on CPU: one pass per query (t5like/kernels).
+      ctx_BTNH = decode_attention.attend_prefill(q_BTNH, k, v, bias_BNTS)
+      return self.out(ctx_BTNH.astype(policy.compute_dtype)), new_cache
     logits_BNTS = jnp.einsum(f'BTNH,{k_spec}->BNTS', q_BTNH, k.astype(q_BTNH.dtype),
                              preferred_element_type=jnp.float32)
     probs_BNTS = jax.nn.softmax(logits_BNTS + bias_BNTS, axis=-1).astype(policy.compute_dtype)

@@ -177,22 +177,31 @@ def _is_unrolled(cache) -> bool:
   return isinstance(cache.get('self_v'), (list, tuple))
 
 
-def unroll_params(cfg: ModelConfig, params):
+def unroll_params(cfg: ModelConfig, params, encoder: bool = False):
   """The decoding layout of the parameters: the decoder's stacked [G, ...] layer weights split into
-  one subtree per group (`decoder/stack/group_g`). Idempotent; everything else is unchanged.
+  one subtree per group (`decoder/stack/group_g`), and with `encoder` the encoder's as well.
+  Idempotent; everything else is unchanged.
 
   Inside a `lax.while_loop` body, slicing layer l out of stacked weights is a copy of it on every
   step (XLA does not hoist it), so a decoding loop reads about twice the weight bytes it needs.
-  Split once (a server at load time, `decode.prepare_params`) and each layer is its own buffer.
-  Every mode of the decoder accepts both layouts and gives the same results.
+  Split once (a server at load time, `decode.prepare_params`) and each layer is its own buffer
+  (for the encoder, run once per request, that saves the per-layer slice copies of a prefill).
+  Every mode of either stack accepts both layouts and gives the same results.
   """
-  G = cfg.shared_layer_groups or cfg.num_decoder_layers
-  stack = params['decoder']['stack']
-  if 'layers' not in stack:
+  stacks = [('decoder', cfg.num_decoder_layers)]
+  if encoder and 'encoder' in params:
+    stacks.append(('encoder', cfg.num_encoder_layers))
+  stacks = [(name, n) for name, n in stacks if 'layers' in params[name]['stack']]
+  if not stacks:
     return params
-  groups = {f'group_{g}': jax.tree.map(lambda w, g=g: w[g], stack['layers']) for g in range(G)}
-  stack = {k: v for k, v in stack.items() if k != 'layers'} | groups
-  return dict(params, decoder=dict(params['decoder'], stack=stack))
+  params = dict(params)
+  for name, layers in stacks:
+    G = cfg.shared_layer_groups or layers
+    stack = params[name]['stack']
+    groups = {f'group_{g}': jax.tree.map(lambda w, g=g: w[g], stack['layers']) for g in range(G)}
+    stack = {k: v for k, v in stack.items() if k != 'layers'} | groups
+    params[name] = dict(params[name], stack=stack)
+  return params
 
 
 def unroll_for_decoding(cfg: ModelConfig, params, cache):

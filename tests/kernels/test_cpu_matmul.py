@@ -226,3 +226,26 @@ def test_disabled_or_failed_build_falls_back_to_xla(tmp_path):
   assert 'failed on cpu_matmul.cc decode_attention.cc token_pick.cc' in bad_out and 'DECODED (1, 3)' in bad_out
   assert 'kernels unavailable' in bad_err             # the warning says what happened
   assert not list(tmp_path.glob('*.so'))              # nothing half-built left behind
+
+
+@needs_kernel
+@pytest.mark.parametrize('name', ['t5_tiny', 't5_1_1_tiny'])
+def test_encoder_prefill_attention_kernel_equals_xla(name):
+  cfg = get_variant(name)
+  params = decode.prepare_params(cfg, random_params(cfg, std=0.2))
+  model = build_model(cfg)
+  rng = np.random.default_rng(1)
+  enc = jnp.asarray(rng.integers(2, cfg.vocab_size, (3, 11)), jnp.int32).at[1, 7:].set(0)
+  cache = init_cache(cfg, 3, 4, 11)
+
+  def prefill(on):
+    def f(p):
+      with cpu_matmul.enabled(on):
+        return model.apply({'params': p}, enc, cache, method='prefill')
+    return f
+  hlo = jax.jit(prefill(True)).lower(params).as_text()
+  assert hlo.count('@t5like_prefill_attention(') == cfg.num_encoder_layers
+  assert '@t5like_prefill_attention(' not in jax.jit(prefill(False)).lower(params).as_text()
+  got, want = jax.jit(prefill(True))(params), jax.jit(prefill(False))(params)
+  for key in ('cross_k', 'cross_v'):
+    np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-4, atol=1e-4)

@@ -58,6 +58,11 @@ def test_wanted_only_inside_enabled_for_one_float32_query():
     assert decode_attention.wanted(q, k, v) == library.available()
     assert not decode_attention.wanted(jnp.zeros((2, 3, 4, 8)), k, v)
     assert not decode_attention.wanted(q.astype(jnp.bfloat16), k, v)
+    full = jnp.zeros((2, 3, 4, 8))
+    assert decode_attention.wanted_prefill(full, full, full) == library.available()
+    assert not decode_attention.wanted_prefill(q, q, q)            # one query: a decoding step
+    assert not decode_attention.wanted_prefill(full.astype(jnp.bfloat16), full, full)
+  assert not decode_attention.wanted_prefill(jnp.zeros((2, 3, 4, 8)), k, v)
 
 
 def cached_reference(q, k_new, v_new, keys, values, bias, index):
@@ -129,3 +134,26 @@ def test_cached_shape_errors_name_the_problem():
     decode_attention.attend_cached(jnp.zeros((1, 2, 4)), jnp.zeros((1, 2, 5)), jnp.zeros((1, 2, 4)),
                                    jnp.zeros((1, 2, 4, 3)), jnp.zeros((1, 2, 3, 4)),
                                    jnp.zeros((1, 2, 3)), jnp.zeros((1,), jnp.int32))
+
+
+@needs_kernel
+@pytest.mark.parametrize('B,T,S,N,H', [(8, 128, 128, 8, 64), (2, 5, 9, 3, 16), (1, 40, 40, 2, 20)])
+def test_prefill_attention_matches_float64(B, T, S, N, H):
+  rng = np.random.default_rng(T + S)
+  q = rng.standard_normal((B, T, N, H)).astype(np.float32)
+  k = rng.standard_normal((B, S, N, H)).astype(np.float32)
+  v = rng.standard_normal((B, S, N, H)).astype(np.float32)
+  bias = rng.standard_normal((1, N, T, S)).astype(np.float32)   # broadcast over rows
+  pad = np.zeros((B, 1, 1, S), np.float32)
+  pad[0, ..., S // 2:] = -1e10                                   # row 0 has padding
+  got = jax.jit(decode_attention.attend_prefill)(q, k, v, bias + pad)
+  full = np.broadcast_to(bias + pad, (B, N, T, S))
+  want = np.stack([reference(q[:, t].astype(np.float64), k.transpose(0, 2, 3, 1),
+                             v.transpose(0, 2, 1, 3), full[:, :, t]) for t in range(T)], axis=1)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+
+
+def test_prefill_shape_errors_name_the_problem():
+  with pytest.raises(ValueError, match=r'\[B,S,N,H\]'):
+    decode_attention.attend_prefill(jnp.zeros((1, 3, 2, 4)), jnp.zeros((1, 3, 2, 5)),
+                                    jnp.zeros((1, 3, 2, 4)), jnp.zeros((1, 2, 3, 3)))
