@@ -113,12 +113,16 @@ def main(argv=None):
   p.add_argument('--compare_torch', action='store_true',
                  help="also time transformers' PyTorch T5 on the same config")
   p.set_defaults(fn=bench_train)
+  import bench_attention
   import bench_decode
   import bench_prune
   import bench_quant
   p = sub.add_parser('decode', help='greedy decoding new tokens/s at batch 1 and 8')
   bench_decode.add_args(p)
   p.set_defaults(fn=bench_decode.run)
+  p = sub.add_parser('attention', help='CPU attention kernels against XLA (prefill, step)')
+  bench_attention.add_args(p)
+  p.set_defaults(fn=bench_attention.run)
   p = sub.add_parser('prune', help='forward / decode speed of surgically pruned models')
   bench_prune.add_args(p)
   p.set_defaults(fn=bench_prune.run)

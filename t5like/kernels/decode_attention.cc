@@ -30,6 +30,36 @@ namespace {
 
 #if defined(__AVX512F__)
 
+// ctx[16 v0 : 16 (v0 + NV)] = scale * sum_s p[s] values[s]: NV vectors of each value row, with a
+// compile-time count so the accumulators stay in registers, two interleaved sums per vector.
+template <int NV>
+inline void Context(const float* values, const float* p, float* ctx, int64_t H, int64_t S,
+                    int64_t v0, __m512 scale) {
+  __m512 a[NV], b[NV];
+  __mmask16 mask[NV];
+  for (int i = 0; i < NV; ++i) {
+    mask[i] = Tail(H - 16 * (v0 + i));
+    a[i] = b[i] = _mm512_setzero_ps();
+  }
+  const float* row = values + 16 * v0;
+  int64_t s = 0;
+  for (; s + 1 < S; s += 2, row += 2 * H) {
+    const __m512 p0 = _mm512_set1_ps(p[s]), p1 = _mm512_set1_ps(p[s + 1]);
+    for (int i = 0; i < NV; ++i) {
+      a[i] = _mm512_fmadd_ps(p0, _mm512_maskz_loadu_ps(mask[i], row + 16 * i), a[i]);
+      b[i] = _mm512_fmadd_ps(p1, _mm512_maskz_loadu_ps(mask[i], row + H + 16 * i), b[i]);
+    }
+  }
+  if (s < S) {
+    const __m512 p0 = _mm512_set1_ps(p[s]);
+    for (int i = 0; i < NV; ++i)
+      a[i] = _mm512_fmadd_ps(p0, _mm512_maskz_loadu_ps(mask[i], row + 16 * i), a[i]);
+  }
+  for (int i = 0; i < NV; ++i)
+    _mm512_mask_storeu_ps(ctx + 16 * (v0 + i), mask[i],
+                          _mm512_mul_ps(_mm512_add_ps(a[i], b[i]), scale));
+}
+
 // Positions [0, S) of a cache whose key rows are `stride` floats apart.
 void Head(const float* q, const float* keys, const float* values, const float* bias, float* ctx,
           int64_t H, int64_t S, int64_t stride, float* scores) {
@@ -65,36 +95,107 @@ void Head(const float* q, const float* keys, const float* values, const float* b
     total = _mm512_add_ps(total, e);
   }
   const float inv = 1.0f / _mm512_reduce_add_ps(total);
-  // Context: value rows weighted and summed, two interleaved accumulators per vector.
-  const int64_t vecs = (H + 15) / 16;
-  for (int64_t v0 = 0; v0 < vecs; v0 += 8) {
-    const int nv = static_cast<int>(std::min<int64_t>(8, vecs - v0));
-    __m512 a[8], b[8];
-    __mmask16 mask[8];
-    for (int i = 0; i < nv; ++i) {
-      mask[i] = Tail(H - 16 * (v0 + i));
-      a[i] = b[i] = _mm512_setzero_ps();
+  // Context: value rows weighted and summed, up to 8 vectors of a row at a time.
+  const __m512 scale = _mm512_set1_ps(inv);
+  for (int64_t v0 = 0; v0 < (H + 15) / 16; v0 += 8) {
+    const int64_t left = (H + 15) / 16 - v0;
+    switch (left >= 8 ? 8 : left) {
+      case 1: Context<1>(values, scores, ctx, H, S, v0, scale); break;
+      case 2: Context<2>(values, scores, ctx, H, S, v0, scale); break;
+      case 3: Context<3>(values, scores, ctx, H, S, v0, scale); break;
+      case 4: Context<4>(values, scores, ctx, H, S, v0, scale); break;
+      case 5: Context<5>(values, scores, ctx, H, S, v0, scale); break;
+      case 6: Context<6>(values, scores, ctx, H, S, v0, scale); break;
+      case 7: Context<7>(values, scores, ctx, H, S, v0, scale); break;
+      default: Context<8>(values, scores, ctx, H, S, v0, scale); break;
     }
-    int64_t s = 0;
-    for (; s + 1 < S; s += 2) {
-      __m512 p0 = _mm512_set1_ps(scores[s]), p1 = _mm512_set1_ps(scores[s + 1]);
-      const float* r0 = values + s * H + 16 * v0;
-      const float* r1 = r0 + H;
-      for (int i = 0; i < nv; ++i) {
-        a[i] = _mm512_fmadd_ps(p0, _mm512_maskz_loadu_ps(mask[i], r0 + 16 * i), a[i]);
-        b[i] = _mm512_fmadd_ps(p1, _mm512_maskz_loadu_ps(mask[i], r1 + 16 * i), b[i]);
+  }
+}
+
+// QB queries of one (row, head) at once over its keys [H, S] and values [S, H]: each key and value
+// vector loaded serves all QB queries, so the pair's K/V (64 KB at H = 64, S = 128: more than L1)
+// is streamed from L2 once per QB queries rather than once per query.
+template <int QB>
+void Queries(const float* const* q, const float* keys, const float* values,
+             const float* const* bias, float* const* ctx, int64_t H, int64_t S, float* scores) {
+  __m512 top[QB];
+  for (int b = 0; b < QB; ++b) top[b] = _mm512_set1_ps(-INFINITY);
+  for (int64_t s0 = 0; s0 < S; s0 += 64) {
+    __mmask16 mask[4];
+    __m512 acc[QB][4];
+    for (int j = 0; j < 4; ++j) {
+      mask[j] = s0 + 16 * j < S ? Tail(S - s0 - 16 * j) : 0;
+      for (int b = 0; b < QB; ++b) acc[b][j] = _mm512_maskz_loadu_ps(mask[j], bias[b] + s0 + 16 * j);
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      __m512 kv[4];
+      for (int j = 0; j < 4; ++j) kv[j] = _mm512_maskz_loadu_ps(mask[j], keys + h * S + s0 + 16 * j);
+      for (int b = 0; b < QB; ++b) {
+        const __m512 qh = _mm512_set1_ps(q[b][h]);
+        for (int j = 0; j < 4; ++j) acc[b][j] = _mm512_fmadd_ps(qh, kv[j], acc[b][j]);
       }
     }
-    if (s < S) {
-      __m512 p0 = _mm512_set1_ps(scores[s]);
-      for (int i = 0; i < nv; ++i)
-        a[i] = _mm512_fmadd_ps(
-            p0, _mm512_maskz_loadu_ps(mask[i], values + s * H + 16 * (v0 + i)), a[i]);
+    for (int b = 0; b < QB; ++b)
+      for (int j = 0; j < 4; ++j) {
+        _mm512_mask_storeu_ps(scores + b * S + s0 + 16 * j, mask[j], acc[b][j]);
+        top[b] = _mm512_mask_max_ps(top[b], mask[j], top[b], acc[b][j]);
+      }
+  }
+  __m512 scale[QB];
+  for (int b = 0; b < QB; ++b) {
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top[b]));
+    __m512 total = _mm512_setzero_ps();
+    float* p = scores + b * S;
+    for (int64_t s = 0; s < S; s += 16) {
+      const __mmask16 mask = Tail(S - s);
+      const __m512 e = _mm512_maskz_mov_ps(mask, Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + s), m)));
+      _mm512_mask_storeu_ps(p + s, mask, e);
+      total = _mm512_add_ps(total, e);
     }
-    const __m512 scale = _mm512_set1_ps(inv);
-    for (int i = 0; i < nv; ++i)
-      _mm512_mask_storeu_ps(ctx + 16 * (v0 + i), mask[i],
-                            _mm512_mul_ps(_mm512_add_ps(a[i], b[i]), scale));
+    scale[b] = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+  }
+  for (int64_t v0 = 0; v0 < H; v0 += 64) {
+    __mmask16 mask[4];
+    __m512 acc[QB][4];
+    for (int j = 0; j < 4; ++j) {
+      mask[j] = v0 + 16 * j < H ? Tail(H - v0 - 16 * j) : 0;
+      for (int b = 0; b < QB; ++b) acc[b][j] = _mm512_setzero_ps();
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      __m512 vv[4];
+      for (int j = 0; j < 4; ++j) vv[j] = _mm512_maskz_loadu_ps(mask[j], values + s * H + v0 + 16 * j);
+      for (int b = 0; b < QB; ++b) {
+        const __m512 p = _mm512_set1_ps(scores[b * S + s]);
+        for (int j = 0; j < 4; ++j) acc[b][j] = _mm512_fmadd_ps(p, vv[j], acc[b][j]);
+      }
+    }
+    for (int b = 0; b < QB; ++b)
+      for (int j = 0; j < 4; ++j)
+        _mm512_mask_storeu_ps(ctx[b] + v0 + 16 * j, mask[j], _mm512_mul_ps(acc[b][j], scale[b]));
+  }
+}
+
+// Queries [t0, T) of one (row, head), QB at a time.
+void PrefillHead(const float* q, int64_t q_stride, const float* keys, const float* values,
+                 const float* bias, float* ctx, int64_t T, int64_t H, int64_t S, float* scores) {
+  constexpr int QB = 4;
+  int64_t t = 0;
+  for (; t + QB <= T; t += QB) {
+    const float* qs[QB];
+    const float* bs[QB];
+    float* cs[QB];
+    for (int b = 0; b < QB; ++b) {
+      qs[b] = q + (t + b) * q_stride;
+      bs[b] = bias + (t + b) * S;
+      cs[b] = ctx + (t + b) * q_stride;
+    }
+    Queries<QB>(qs, keys, values, bs, cs, H, S, scores);
+  }
+  for (; t < T; ++t) {
+    const float* qs[1] = {q + t * q_stride};
+    const float* bs[1] = {bias + t * S};
+    float* cs[1] = {ctx + t * q_stride};
+    Queries<1>(qs, keys, values, bs, cs, H, S, scores);
   }
 }
 
@@ -111,6 +212,14 @@ void Head(const float* q, const float* keys, const float* values, const float* b
   for (int64_t s = 0; s < S; ++s)
     for (int64_t h = 0; h < H; ++h) ctx[h] += scores[s] * values[s * H + h];
   for (int64_t h = 0; h < H; ++h) ctx[h] /= total;
+}
+
+
+// Queries [0, T) of one (row, head), one at a time.
+void PrefillHead(const float* q, int64_t q_stride, const float* keys, const float* values,
+                 const float* bias, float* ctx, int64_t T, int64_t H, int64_t S, float* scores) {
+  for (int64_t t = 0; t < T; ++t)
+    Head(q + t * q_stride, keys, values, bias + t * S, ctx + t * q_stride, H, S, S, scores);
 }
 
 #endif
@@ -182,7 +291,7 @@ ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const int64_t chunks = std::min<int64_t>(heads, 4 * pool.num_threads());
   const int64_t per = (heads + chunks - 1) / chunks;
   t5like::ParallelFor(pool, (heads + per - 1) / per, [&](int64_t c) {
-    std::vector<float> keys(H * S), values(S * H), scores(S);
+    std::vector<float> keys(H * S), values(S * H), scores(4 * S);
     for (int64_t i = c * per; i < std::min(heads, (c + 1) * per); ++i) {
       const int64_t b = i / N, n = i % N;
       for (int64_t s = 0; s < S; ++s) {
@@ -190,10 +299,8 @@ ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
         for (int64_t h = 0; h < H; ++h) keys[h * S + s] = kr[h];
         std::copy_n(vp + ((b * S + s) * N + n) * H, H, values.data() + s * H);
       }
-      for (int64_t t = 0; t < T; ++t)
-        Head(qp + ((b * T + t) * N + n) * H, keys.data(), values.data(),
-             bp + ((b * N + n) * T + t) * S, out + ((b * T + t) * N + n) * H, H, S, S,
-             scores.data());
+      PrefillHead(qp + (b * T * N + n) * H, N * H, keys.data(), values.data(),
+                  bp + (b * N + n) * T * S, out + (b * T * N + n) * H, T, H, S, scores.data());
     }
   });
   return ffi::Error::Success();
