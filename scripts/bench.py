@@ -4,6 +4,7 @@
                                  --steps=5 --compare_torch]
 
   python scripts/bench.py decode [--compare_torch]   # scripts/bench_decode.py
+  python scripts/bench.py attention                  # scripts/bench_attention.py
   python scripts/bench.py quant                      # scripts/bench_quant.py
   python scripts/bench.py prune                      # scripts/bench_prune.py
 
