@@ -93,4 +93,5 @@ def run(args) -> dict:
   return {'benchmark': 'attention', 'batch': B, 'length': S, 'heads': N, 'head_dim': H,
           'prefill_ms': prefill_ms, 'prefill_speedup': round(prefill_ms['xla'] /
                                                              prefill_ms['kernel'], 2),
-          'steps': steps, 'step_ms': step_ms, 'step_speedup': round(step_ms['xla'] / step_ms['kernel'], 2)}
+          'steps': steps, 'step_ms': step_ms,
+          'step_speedup': round(step_ms['xla'] / step_ms['kernel'], 2)}

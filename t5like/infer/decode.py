@@ -31,12 +31,13 @@ def prepare_params(cfg: ModelConfig, params, pack: bool | None = None):
   """The parameters in the decoding layout, for repeated decoding (a server does this at load).
 
   The decoder's and encoder's layer weights are split per layer (`unroll_params`: every function
-  here accepts either layout, but one given the training layout splits it, a copy, on each call). On a CPU, the
-  weights a decoding step multiplies by are also packed into panels for the few-row kernel of
-  `t5like.kernels.cpu_matmul` (`pack=None`: when it is built and the model runs in float32 with
-  unquantised weights; the decoder's other weights and the encoder stay as they are). Idempotent.
+  here accepts either layout, but one given the training layout splits it, a copy, on each call).
+  On a CPU, the weights a decoding step multiplies by are also packed into panels for the few-row
+  kernel of `t5like.kernels.cpu_matmul` (`pack=None`: when it is built and the model runs in
+  float32 with unquantised weights; the decoder's other weights and the encoder stay as they
+  are). Idempotent.
   """
-  params = unroll_params(cfg, params, encoder=True)   # eager: the stacks are copied, the rest shared
+  params = unroll_params(cfg, params, encoder=True)   # eager: stacks copied, the rest shared
   if pack is None:
     pack = (precision.get_policy(cfg.precision).compute_dtype == jnp.float32
             and cfg.weight_quant == 'none' and cfg.qat == 'none' and cfg.activation_quant == 'none'

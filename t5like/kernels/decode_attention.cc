@@ -125,11 +125,13 @@ void Queries(const float* const* q, const float* keys, const float* values,
     __m512 acc[QB][4];
     for (int j = 0; j < 4; ++j) {
       mask[j] = s0 + 16 * j < S ? Tail(S - s0 - 16 * j) : 0;
-      for (int b = 0; b < QB; ++b) acc[b][j] = _mm512_maskz_loadu_ps(mask[j], bias[b] + s0 + 16 * j);
+      for (int b = 0; b < QB; ++b)
+        acc[b][j] = _mm512_maskz_loadu_ps(mask[j], bias[b] + s0 + 16 * j);
     }
     for (int64_t h = 0; h < H; ++h) {
       __m512 kv[4];
-      for (int j = 0; j < 4; ++j) kv[j] = _mm512_maskz_loadu_ps(mask[j], keys + h * S + s0 + 16 * j);
+      for (int j = 0; j < 4; ++j)
+        kv[j] = _mm512_maskz_loadu_ps(mask[j], keys + h * S + s0 + 16 * j);
       for (int b = 0; b < QB; ++b) {
         const __m512 qh = _mm512_set1_ps(q[b][h]);
         for (int j = 0; j < 4; ++j) acc[b][j] = _mm512_fmadd_ps(qh, kv[j], acc[b][j]);
@@ -148,7 +150,8 @@ void Queries(const float* const* q, const float* keys, const float* values,
     float* p = scores + b * S;
     for (int64_t s = 0; s < S; s += 16) {
       const __mmask16 mask = Tail(S - s);
-      const __m512 e = _mm512_maskz_mov_ps(mask, Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + s), m)));
+      const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + s), m);
+      const __m512 e = _mm512_maskz_mov_ps(mask, Exp(x));
       _mm512_mask_storeu_ps(p + s, mask, e);
       total = _mm512_add_ps(total, e);
     }
@@ -163,7 +166,8 @@ void Queries(const float* const* q, const float* keys, const float* values,
     }
     for (int64_t s = 0; s < S; ++s) {
       __m512 vv[4];
-      for (int j = 0; j < 4; ++j) vv[j] = _mm512_maskz_loadu_ps(mask[j], values + s * H + v0 + 16 * j);
+      for (int j = 0; j < 4; ++j)
+        vv[j] = _mm512_maskz_loadu_ps(mask[j], values + s * H + v0 + 16 * j);
       for (int b = 0; b < QB; ++b) {
         const __m512 p = _mm512_set1_ps(scores[b * S + s]);
         for (int j = 0; j < 4; ++j) acc[b][j] = _mm512_fmadd_ps(p, vv[j], acc[b][j]);

@@ -175,7 +175,7 @@ class Attention(nn.Module):
       return self.out(ctx_BNH[:, None].astype(policy.compute_dtype)), new_cache
     if (not cached and decode_attention.wanted_prefill(q_BTNH, k, v)
         and (deterministic or not cfg.dropout_rate)):
-      # A prefill (encoder, prompt) on CPU: one pass per query (t5like/kernels).
+      # A prefill (an encoder) on CPU: K/V streamed once per four queries (t5like/kernels).
       ctx_BTNH = decode_attention.attend_prefill(q_BTNH, k, v, bias_BNTS)
       return self.out(ctx_BTNH.astype(policy.compute_dtype)), new_cache
     logits_BNTS = jnp.einsum(f'BTNH,{k_spec}->BNTS', q_BTNH, k.astype(q_BTNH.dtype),
