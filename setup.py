@@ -29,7 +29,7 @@ setup(
     ],
     extras_require={
         'dev': ['pytest>=9,<10', 'pytest-timeout>=2.3,<3', 'nbclient>=0.11,<0.12',
-                'nbformat>=5.10,<6', 'ipykernel>=7,<8'],
+                'nbformat>=5.10,<6', 'ipykernel>=7,<8', 'import-linter>=2.10,<3'],
         'parity': ['torch==2.13.0', 'transformers>=5,<6'],
         'serve': ['fastapi>=0.115,<1', 'uvicorn>=0.30,<1', 'prometheus_client>=0.21,<1',
                   'httpx>=0.28,<1', 'openai>=1.50,<4', 'flatbuffers>=24,<26'],
