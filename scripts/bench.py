@@ -1,7 +1,7 @@
 """Benchmarks with JSON output (never timed tests).
 
   python scripts/bench.py train [--variant=t5_small --batch=8 --inputs=128 --targets=128
-                                 --steps=5 --compare_torch]
+                                 --steps=5 --precision=f32|bf16 --out=FILE --compare_torch]
 
   python scripts/bench.py decode [--compare_torch]   # scripts/bench_decode.py
   python scripts/bench.py attention                  # scripts/bench_attention.py
@@ -10,6 +10,8 @@
 
 `train`: one JSON object with the median step time, tokens/s (inputs + targets), the exact matmul
 FLOPs of a step (t5like.models.flops), the f32 matmul peak measured in the same run, and the MFU;
+on a known accelerator also the MFU against the chip's published peak at the compute dtype
+(t5like.parallel.hardware: TPU v4 / v5e / v5p / v6e, A100, H100, H200);
 with --compare_torch also the same figures for transformers' PyTorch T5 with torch.optim.AdamW on
 the same config and machine, and the speed ratio.
 """
@@ -40,10 +42,12 @@ def bench_train(args) -> dict:
   from t5like.config import MeshConfig, OptimConfig, get_variant
   from t5like.models import build_model, flops
   from t5like.optim import make_optimizer
+  from t5like.parallel import hardware
   from t5like.parallel.mesh import get_rules, make_mesh
+  from t5like.precision import get_policy
   from t5like.train import metrics, state as state_lib, step as step_lib
 
-  cfg = get_variant(args.variant, precision='f32', dropout_rate=0.0, remat_policy='none')
+  cfg = get_variant(args.variant, precision=args.precision, dropout_rate=0.0, remat_policy='none')
   B, S, T = args.batch, args.inputs, args.targets
   mesh = make_mesh(MeshConfig(), jax.devices()[:1])
   rules = get_rules('dp')
@@ -65,11 +69,18 @@ def bench_train(args) -> dict:
   peak = metrics.measure_peak_flops()
   step_s = benchlib.median(times)
   model_flops = flops.train_step_flops(cfg, B, S, T)
+  kind = jax.devices()[0].device_kind   # one device runs the step
+  spec = hardware.lookup(kind)
+  compute_dtype = get_policy(args.precision).compute_dtype.dtype.name
   out = {'bench': 'train', 'variant': args.variant, 'batch': B, 'inputs': S, 'targets': T,
-         'dtype': 'float32', 'optimizer': 'adamw', 'step_s': step_s, 'step_s_all': times,
+         'dtype': compute_dtype, 'precision': args.precision, 'optimizer': 'adamw', 'step_s': step_s, 'step_s_all': times,
          'tokens_per_s': B * (S + T) / step_s, 'model_flops_per_step': model_flops,
          'peak_flops_per_s': peak, 'mfu': model_flops / step_s / peak,
-         'devices': jax.device_count(), 'backend': jax.default_backend()}
+         'devices': jax.device_count(), 'backend': jax.default_backend(),
+         'device_kind': kind, 'published_chip': spec.name if spec else None,
+         'published_peak_flops_per_s': spec.peak_flops(compute_dtype) if spec else None,
+         'mfu_vs_published_peak': hardware.published_mfu(model_flops / step_s, kind,
+                                                          compute_dtype)}
   if args.compare_torch:
     t_step = _torch_step_s(cfg, B, S, T, args.steps)
     out.update(torch_step_s=t_step, torch_tokens_per_s=B * (S + T) / t_step,
@@ -111,6 +122,8 @@ def main(argv=None):
   p.add_argument('--inputs', type=int, default=128)
   p.add_argument('--targets', type=int, default=128)
   p.add_argument('--steps', type=int, default=5, help='timed steps (after 2 warm-up steps)')
+  p.add_argument('--precision', default='f32', help='a policy of t5like.precision (f32, bf16)')
+  p.add_argument('--out', default='', help='also write the JSON record to this file')
   p.add_argument('--compare_torch', action='store_true',
                  help="also time transformers' PyTorch T5 on the same config")
   p.set_defaults(fn=bench_train)

@@ -5,7 +5,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 extras="${1:-}"
 venv="${T5LIKE_VENV:-$root/.venv}"
 if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
+  "${T5LIKE_PYTHON:-python3}" -m venv "$venv"   # T5LIKE_PYTHON: another interpreter (>= 3.11)
   "$venv/bin/pip" install -q --upgrade pip
 fi
 stamp="$venv/.t5like-installed-${extras:-core}"
