@@ -5,6 +5,11 @@
 
 The ml_collections config is converted once into `t5like.config.TrainConfig` (unknown keys are an
 error naming the valid ones). A workdir that already has checkpoints is resumed from the latest.
+
+Several processes (a TPU pod slice, GPU hosts): the job joins `jax.distributed` itself before
+anything else (t5like.parallel.distributed: auto-detected on Cloud TPU VMs, GKE, SLURM and Open MPI;
+--coordinator_address / --num_processes / --process_id, or T5LIKE_COORDINATOR /
+T5LIKE_NUM_PROCESSES / T5LIKE_PROCESS_ID, otherwise). One process never waits for a coordinator.
 """
 import os
 import sys
@@ -21,6 +26,11 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'confi
 _CONFIG = config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Experiment config file[:arg].',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder; default ./runs/<config name>.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', '',
+                                   'host:port of process 0, for a multi-process job that JAX '
+                                   'cannot auto-detect (with --num_processes and --process_id)')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'processes in the job')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, "this process's index in the job")
 
 
 _USER_ERRORS: tuple = ()
@@ -36,6 +46,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
+  from t5like.parallel import distributed
+  try:  # before anything touches a jax backend
+    distributed.maybe_initialize(coordinator_address=_COORDINATOR.value,
+                                 num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  except config_lib.ConfigError as e:
+    print(f'error: ConfigError: {e}', file=sys.stderr)
+    sys.exit(1)
   import jax
   # Compiled programs are cached across runs (a resumed run skips most compilation).
   jax.config.update('jax_compilation_cache_dir', os.environ.get(

@@ -2,12 +2,18 @@
 
   python -m t5like.parallel.distributed experiments/main.py --config=... --workdir=...
 
-runs the script after `maybe_initialize()`, which calls `jax.distributed.initialize`:
-- with explicit arguments when T5LIKE_COORDINATOR (host:port), T5LIKE_NUM_PROCESSES and
-  T5LIKE_PROCESS_ID are set (GPU hosts without a cluster manager);
-- with none, letting JAX auto-detect the cluster, on a TPU VM of a multi-host slice or under SLURM
-  / Open MPI (JAX reads their environment);
-- not at all otherwise: one process (a laptop, Colab, one multi-GPU host) sees all its devices.
+runs the script after `maybe_initialize()`; experiments/main.py calls `maybe_initialize()` itself
+(as MaxText does), with its --coordinator_address / --num_processes / --process_id flags.
+`maybe_initialize` calls `jax.distributed.initialize`:
+- with explicit arguments when given, or when T5LIKE_COORDINATOR (host:port),
+  T5LIKE_NUM_PROCESSES and T5LIKE_PROCESS_ID are set (GPU hosts without a cluster manager);
+- with none, letting JAX auto-detect the job: on a Cloud TPU VM (its TPU devices; JAX reads the
+  slice's workers from the metadata server, and a one-host slice is a one-process job), on GKE
+  (TPU_WORKER_HOSTNAMES listing several hosts, multislice's MEGASCALE_COORDINATOR_ADDRESS, or an
+  indexed Kubernetes Job), under SLURM `srun` with several tasks, or Open MPI with several ranks;
+- not at all otherwise: one process (a laptop, Colab, one multi-GPU host) sees all its devices and
+  never waits for a coordinator.
+Multi-process CPU jobs (the tests) use gloo collectives.
 Each process then reads only its share of the data (t5like.data.pipeline shards by
 `jax.process_index()`), and the mesh spans the devices of every process.
 """
@@ -19,20 +25,43 @@ import sys
 from typing import Mapping
 
 from t5like.config import ConfigError
+from t5like.parallel import hardware
 
 _EXPLICIT = ('T5LIKE_COORDINATOR', 'T5LIKE_NUM_PROCESSES', 'T5LIKE_PROCESS_ID')
-# Set on the workers of a multi-host TPU slice, or by cluster managers JAX auto-detects.
-_AUTO_MARKERS = ('TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS', 'SLURM_JOB_ID',
-                 'OMPI_COMM_WORLD_SIZE')
 
 
-def initialize_args(environ: Mapping[str, str]) -> dict | None:
+def _several(environ: Mapping[str, str], key: str) -> bool:
+  try:
+    return int(environ.get(key, '1')) > 1
+  except ValueError:
+    return False
+
+
+def _auto_detected(environ: Mapping[str, str], on_tpu_vm) -> bool:
+  """True where JAX's cluster auto-detection finds the job (see the module docstring)."""
+  if environ.get('MEGASCALE_COORDINATOR_ADDRESS') or ',' in environ.get('TPU_WORKER_HOSTNAMES', ''):
+    return True                                     # GKE TPU node pools, multislice
+  if environ.get('KUBERNETES_SERVICE_HOST') and environ.get('JOB_COMPLETION_INDEX'):
+    return True                                     # an indexed Kubernetes Job (GKE GPUs)
+  if environ.get('SLURM_STEP_NODELIST') and _several(environ, 'SLURM_NTASKS'):
+    return True                                     # inside `srun` with several tasks
+  if _several(environ, 'OMPI_COMM_WORLD_SIZE'):
+    return True
+  return on_tpu_vm()
+
+
+def _on_tpu_vm() -> bool:
+  return hardware.detect_platform(environ={}) == 'tpu'
+
+
+def initialize_args(environ: Mapping[str, str], on_tpu_vm=_on_tpu_vm) -> dict | None:
   """kwargs for jax.distributed.initialize from the environment, or None for a single process."""
   given = [k for k in _EXPLICIT if environ.get(k)]
   if given and len(given) != len(_EXPLICIT):
     missing = sorted(set(_EXPLICIT) - set(given))
     raise ConfigError(f'{given} are set but {missing} are not; set all of {list(_EXPLICIT)} '
-                      '(or none, to auto-detect)')
+                      '(the trainer\'s --coordinator_address, --num_processes, --process_id) '
+                      'or none, to auto-detect')
   if given:
     try:
       num, pid = int(environ['T5LIKE_NUM_PROCESSES']), int(environ['T5LIKE_PROCESS_ID'])
@@ -44,18 +73,27 @@ def initialize_args(environ: Mapping[str, str]) -> dict | None:
       raise ConfigError(f'T5LIKE_PROCESS_ID={pid} must be in [0, T5LIKE_NUM_PROCESSES={num})')
     return {'coordinator_address': environ['T5LIKE_COORDINATOR'], 'num_processes': num,
             'process_id': pid}
-  hosts = environ.get('TPU_WORKER_HOSTNAMES', '')
-  if any(environ.get(k) for k in _AUTO_MARKERS if k != 'TPU_WORKER_HOSTNAMES') or ',' in hosts:
-    return {}
-  return None
+  return {} if _auto_detected(environ, on_tpu_vm) else None
 
 
-def maybe_initialize(environ: Mapping[str, str] | None = None) -> bool:
-  """Joins the multi-process job the environment describes; True if it did."""
-  args = initialize_args(os.environ if environ is None else environ)
+def maybe_initialize(environ: Mapping[str, str] | None = None, *, coordinator_address: str = '',
+                     num_processes: int | None = None, process_id: int | None = None,
+                     on_tpu_vm=_on_tpu_vm) -> bool:
+  """Joins the multi-process job the arguments or the environment describe; True if it did.
+
+  Explicit arguments (the trainer's flags) override the T5LIKE_* variables. Call it before
+  anything touches a jax backend."""
+  environ = dict(os.environ if environ is None else environ)
+  for key, value in zip(_EXPLICIT, (coordinator_address, num_processes, process_id)):
+    if value not in (None, ''):
+      environ[key] = str(value)
+  args = initialize_args(environ, on_tpu_vm)
   if args is None:
     return False
   import jax
+  # Collectives between the processes of a CPU job (tests, a CPU cluster) go through gloo; GPU
+  # and TPU backends ignore this setting.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(**args)
   return True
 
