@@ -26,10 +26,14 @@ setup(
         'tensorboardX>=2.6,<3',
         'psutil>=7,<8',
         'qwix>=0.1.8,<0.2',
+        'sacrebleu>=2.4,<3',
     ],
     extras_require={
         'dev': ['pytest>=9,<10', 'pytest-timeout>=2.3,<3', 'nbclient>=0.11,<0.12',
-                'nbformat>=5.10,<6', 'ipykernel>=7,<8', 'import-linter>=2.10,<3'],
+                'nbformat>=5.10,<6', 'ipykernel>=7,<8', 'import-linter>=2.10,<3',
+                'onnx>=1.23,<1.24', 'onnxruntime>=1.32,<1.33'],
+        # ONNX export (python -m t5like.infer.onnx); onnxruntime for --int8 and t5like.ort.
+        'onnx': ['onnx>=1.23,<1.24', 'onnxruntime>=1.32,<1.33'],
         'parity': ['torch==2.13.0', 'transformers>=5,<6'],
         'serve': ['fastapi>=0.115,<1', 'uvicorn>=0.30,<1', 'prometheus_client>=0.21,<1',
                   'httpx>=0.28,<1', 'openai>=1.50,<4', 'flatbuffers>=24,<26'],
