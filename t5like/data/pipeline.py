@@ -7,11 +7,13 @@ Entry point (what the trainer calls):
 - `data_cfg`: `t5like.config.DataConfig`; `model_arch`: 'encdec' or 'decoder' (ModelConfig.arch);
   `workdir`: the run's folder (the trained tokenizer is cached under `<workdir>/tokenizer/`);
   `seed`: the run seed, combined with `data_cfg.shuffle_seed` / `augment_seed`.
-- `train_iter`: a `TrainIterator`, infinite over epochs; `next(train_iter)` is this process's share
-  of the global batch (per-process batch = data_cfg.batch_size // jax.process_count(), an error if
-  not divisible) as a dict of numpy arrays. `train_iter.get_state()` is a JSON-able dict and
-  `train_iter.set_state(state)` restores it: a resumed run sees exactly the batches an uninterrupted
-  one would have seen.
+- `train_iter`: a `RowSlotIterator`, infinite over epochs; `next(train_iter)` is this process's
+  share of the global batch (per-process batch = data_cfg.batch_size // jax.process_count(), an
+  error if not divisible) as a dict of numpy arrays. `train_iter.get_state()` is a JSON-able dict
+  and `train_iter.set_state(state)` restores it: a resumed run sees exactly the batches an
+  uninterrupted one would have seen. The global batches are the same whatever the process count
+  (1 x 8 devices or 2 x 4 give the same losses), and each process reads and preprocesses only the
+  examples of its own rows.
 - `eval_batches()`: a fresh, finite, deterministic iterator over the validation split (no
   augmentation), same dicts; every process gets the same number of batches and the last one is
   filled with all-padding rows (loss weights 0).
@@ -30,11 +32,15 @@ Segment ids are 1, 2, ... per packed example and 0 on padding; positions restart
 `to_global_batch(batch, mesh, batch_spec=None)` turns the per-process numpy batch into global
 `jax.Array`s sharded over the mesh's ('data', 'fsdp') axes.
 
-With grain: the training chunks are a `grain.MapDataset`, sliced per process
-(`jax.process_index()::jax.process_count()`), shuffled with a per-epoch seed, repeated forever,
-augmented and turned into examples by a seeded `random_map` (seeded per element index, so per
-epoch), read in order (`num_workers` threads when > 0). Packing and batching happen in
-`TrainIterator`, whose state is grain's iterator state at the first example not yet in a batch.
+With grain: the training chunks (an in-memory list, or an ArrayRecord file read record by record)
+are a `grain.MapDataset`, shuffled with a per-epoch seed, repeated forever, augmented and turned
+into examples by a seeded `random_map` (seeded per element index, so per epoch), all lazily: an
+element is read and computed only when indexed. Row r of the global batch B (a "slot") packs the
+elements r, r + B, r + 2B, ... of that global order; process p owns rows [p*B/P, (p+1)*B/P), so
+it touches only 1/P of the elements, and the batches do not depend on P. Packing and batching
+happen in `RowSlotIterator`, whose state is each row's next element (gathered from every process,
+so one saved state restores any process count). `num_workers` > 0 builds a batch's rows on that
+many threads. (`TrainIterator` is the older one-stream iterator the task pipeline uses.)
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ log = logging.getLogger(__name__)
 
 BATCH_AXES = ('data', 'fsdp')
 _STATE_VERSION = 1
+_SLOT_STATE_VERSION = 2
 
 
 class PipelineError(ValueError):
@@ -181,6 +188,78 @@ class TrainIterator:
     self._packer = objectives.Packer(self.lengths, max_segments=None if self.pack else 1)
 
 
+class RowSlotIterator:
+  """Infinite iterator of this process's rows of every global batch, from a lazily indexed global
+  example order; checkpointable as one global state (see the module docstring).
+
+  `examples`: a `grain.MapDataset` (or anything indexable) of model features, the global order.
+  Row slot r of the global batch `global_batch` packs examples r, r + B, r + 2B, ... (B =
+  `global_batch`); this process builds the rows `rows` (a range of slots).
+  """
+
+  def __init__(self, examples, lengths: Mapping[str, int], *, pack: bool, global_batch: int,
+               rows: range, fingerprint: Mapping[str, Any], num_threads: int = 0,
+               process_count: int = 1):
+    self.lengths = dict(lengths)
+    self.global_batch, self.rows, self.pack = global_batch, rows, pack
+    self.batch_size = len(rows)
+    self._examples = examples
+    self._fingerprint = dict(fingerprint)
+    self._next = np.zeros(len(rows), np.int64)    # per slot: index of its next example
+    self._num_threads, self._process_count = num_threads, process_count
+    self._pool = None
+
+  def __iter__(self) -> 'RowSlotIterator':
+    return self
+
+  def _row(self, i: int) -> dict[str, np.ndarray]:
+    packer = objectives.Packer(self.lengths, max_segments=None if self.pack else 1)
+    slot, B = self.rows[i], self.global_batch
+    while True:
+      ex = self._examples[int(slot + self._next[i] * B)]
+      if len(packer) and not packer.fits(ex):
+        return packer.row()        # this example starts the slot's next row
+      packer.add(ex)
+      self._next[i] += 1
+      if not self.pack:
+        return packer.row()
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._num_threads > 0:
+      if self._pool is None:
+        import concurrent.futures
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._num_threads)
+      rows = list(self._pool.map(self._row, range(self.batch_size)))
+    else:
+      rows = [self._row(i) for i in range(self.batch_size)]
+    return objectives.stack_rows(rows)
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-able global position: every slot's next example. With several processes this is a
+    collective (each process contributes its rows): call it on all of them, as a checkpoint does."""
+    positions = self._next
+    if self._process_count > 1:
+      from jax.experimental import multihost_utils
+      positions = np.asarray(multihost_utils.process_allgather(self._next)).reshape(-1)
+    return {'version': _SLOT_STATE_VERSION, 'positions': [int(x) for x in positions],
+            **self._fingerprint}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if not isinstance(state, Mapping) or state.get('version') != _SLOT_STATE_VERSION:
+      raise PipelineError(f'data iterator state {str(state)[:200]} is not a version-'
+                          f'{_SLOT_STATE_VERSION} RowSlotIterator state; start a fresh workdir')
+    diff = {k: (state.get(k), v) for k, v in self._fingerprint.items() if state.get(k) != v}
+    if diff:
+      raise PipelineError('data iterator state was saved by a different pipeline; mismatched '
+                          f'(saved, now): {diff}. Resume with the same data config, or start a '
+                          'fresh workdir')
+    positions = state['positions']
+    if len(positions) != self.global_batch:
+      raise PipelineError(f'data iterator state has {len(positions)} row positions, not the '
+                          f'global batch {self.global_batch}')
+    self._next = np.asarray([positions[r] for r in self.rows], np.int64)
+
+
 def _process_shard(process_index, process_count, global_batch):
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
@@ -190,31 +269,30 @@ def _process_shard(process_index, process_count, global_batch):
   return pi, pc, global_batch // pc
 
 
-def make_train_iterator(chunks: Sequence[np.ndarray], data_cfg, model_arch: str,
+def make_train_iterator(chunks, data_cfg, model_arch: str,
                         tokenizer: tokenizer_lib.Tokenizer, *, seed: int = 0,
                         process_index: int | None = None,
-                        process_count: int | None = None) -> TrainIterator:
-  """The training `TrainIterator` over `chunks` (this process's shard, shuffled per epoch)."""
+                        process_count: int | None = None) -> RowSlotIterator:
+  """The training `RowSlotIterator` over `chunks` (a sequence of id arrays, or a random-access
+  source such as an ArrayRecord reader): this process's rows of every global batch."""
   lengths = sequence_lengths(data_cfg, model_arch)
   chunk_length = objectives.chunk_length(data_cfg.objective, model_arch, lengths,
                                          data_cfg.noise_density, data_cfg.mean_noise_span_length)
   pi, pc, local_batch = _process_shard(process_index, process_count, data_cfg.batch_size)
-  if len(chunks) < pc:
-    raise PipelineError(f'the training split has {len(chunks)} chunks, fewer than the {pc} '
-                        'processes; use a larger corpus')
+  if len(chunks) == 0:
+    raise PipelineError('the training split has no chunks; use a larger corpus')
   fn = _ExampleFn(data_cfg, model_arch, lengths, chunk_length, tokenizer,
                   augment_lib.Augmenter.from_config(data_cfg))
-  ds = grain.MapDataset.source(list(chunks)).slice(slice(pi, None, pc))
+  ds = grain.MapDataset.source(chunks)
   ds = ds.shuffle(seed=_derive_seed(seed, data_cfg.shuffle_seed, 1)).repeat(None)
   ds = ds.random_map(fn, seed=_derive_seed(seed, data_cfg.augment_seed, 2))
-  n = data_cfg.num_workers
-  examples = ds.to_iter_dataset(grain.ReadOptions(num_threads=n,
-                                                  prefetch_buffer_size=4 * local_batch if n else 0))
-  fingerprint = {'process_index': pi, 'process_count': pc, 'batch_size': local_batch,
-                 'lengths': dict(lengths), 'num_chunks': len(chunks), 'pack': data_cfg.pack,
+  fingerprint = {'batch_size': data_cfg.batch_size, 'lengths': dict(lengths),
+                 'num_chunks': len(chunks), 'pack': data_cfg.pack,
                  'objective': data_cfg.objective}
-  return TrainIterator(examples, lengths, pack=data_cfg.pack, batch_size=local_batch,
-                       fingerprint=fingerprint)
+  return RowSlotIterator(ds, lengths, pack=data_cfg.pack, global_batch=data_cfg.batch_size,
+                         rows=range(pi * local_batch, (pi + 1) * local_batch),
+                         fingerprint=fingerprint, num_threads=data_cfg.num_workers,
+                         process_count=pc)
 
 
 def make_eval_batches(chunks: Sequence[np.ndarray], data_cfg, model_arch: str,
@@ -283,7 +361,7 @@ def load_splits(data_cfg) -> tuple[list[corpus_lib.Document], list[corpus_lib.Do
 
 def make_datasets(data_cfg, model_arch: str, workdir: str, *, seed: int = 0,
                   process_index: int | None = None, process_count: int | None = None
-                  ) -> tuple[TrainIterator, Callable[[], Iterator[dict]],
+                  ) -> tuple[RowSlotIterator, Callable[[], Iterator[dict]],
                              tokenizer_lib.Tokenizer]:
   """(train_iter, eval_batches factory, tokenizer); see the module docstring."""
   lengths = sequence_lengths(data_cfg, model_arch)

@@ -104,8 +104,9 @@ def test_resume_sees_exactly_the_batches_of_an_uninterrupted_run(cfg, tiny_workd
   _take(train, n)
   state = json.loads(json.dumps(train.get_state()))   # what a checkpoint stores
   expected = _take(train, m)
-  if cfg.batch_size == 64:
-    assert state['grain']['next_index'] < state['num_chunks'] < train.get_state()['grain']['next_index']
+  if cfg.batch_size == 64:   # the global index each row slot reads next, before and after
+    index = lambda st: [r + p * 64 for r, p in enumerate(st['positions'])]
+    assert max(index(state)) < state['num_chunks'] < min(index(train.get_state()))
   fresh, _, _ = _make(cfg, tiny_workdir)
   fresh.set_state(state)
   _assert_same(_take(fresh, m), expected)
@@ -119,7 +120,7 @@ def test_set_state_rejects_a_state_of_another_pipeline(cfg, tiny_workdir):
   other, _, _ = _make(DataConfig(**{**cfg.__dict__, 'batch_size': 16}), tiny_workdir)
   with pytest.raises(PipelineError, match='different pipeline.*batch_size'):
     other.set_state(train.get_state())
-  with pytest.raises(PipelineError, match='not a version-1'):
+  with pytest.raises(PipelineError, match='not a version-2'):
     train.set_state({'next_index': 3})
 
 
@@ -151,20 +152,25 @@ def test_epochs_shuffle_differently_and_cover_the_shard(cfg, tiny_workdir):
 
 
 def test_sharded_per_process(cfg, tiny_workdir):
-  shards = []
-  for pi in range(2):
-    _, (train, _, tok) = _causal_unpacked(cfg, tiny_workdir, process_index=pi, process_count=2)
-    assert train.batch_size == 4
-    n_local = len(range(pi, train.get_state()['num_chunks'], 2))
-    rows = []
-    while len(rows) < n_local:
-      rows.extend(_row_chunks(next(train)))
-    shards.append(rows[:n_local])
-  train_docs, _ = pipeline.load_splits(_causal_unpacked(cfg, tiny_workdir)[0])
-  chunk_len = objectives.chunk_length('causal_lm', 'decoder', train.lengths, .15, 3)
-  chunks = [tuple(c.tolist()) for c in pipeline.make_chunks(train_docs, tok, chunk_len)]
-  assert sorted(shards[0] + shards[1]) == sorted(chunks)        # disjoint, and together all
-  assert sorted(shards[0]) == sorted(chunks[0::2]) and sorted(shards[1]) == sorted(chunks[1::2])
+  # Each process builds its rows of the global batches: together exactly the one-process batches
+  # (packed, augmented), so the process count does not change training.
+  cfg = DataConfig(**{**cfg.__dict__, 'mask_prob': 0.1, 'reorder_prob': 0.5})
+  whole, _, _ = _make(cfg, tiny_workdir)
+  parts = [_make(cfg, tiny_workdir, process_index=pi, process_count=2)[0] for pi in range(2)]
+  assert parts[0].batch_size == 4 and list(parts[1].rows) == [4, 5, 6, 7]
+  for _ in range(20):   # past an epoch of the tiny corpus
+    full, halves = next(whole), [next(p) for p in parts]
+    for k in full:
+      np.testing.assert_array_equal(np.concatenate([halves[0][k], halves[1][k]]), full[k])
+  # One process count's saved position restores another's (the state is global).
+  positions = whole.get_state()['positions']
+  parts[1].set_state(whole.get_state())
+  assert parts[1]._next.tolist() == positions[4:]
+  # Unpacked, a process reads only its rows' chunks: rows 0-3 of every batch on process 0.
+  _, (train, _, tok) = _causal_unpacked(cfg, tiny_workdir, process_index=0, process_count=2)
+  _, (one, _, _) = _causal_unpacked(cfg, tiny_workdir)
+  for _ in range(3):
+    assert _row_chunks(next(train)) == _row_chunks(next(one))[:4]
   with pytest.raises(PipelineError, match='batch_size=8 .* not divisible by the process count 3'):
     _causal_unpacked(cfg, tiny_workdir, process_index=0, process_count=3)
 
