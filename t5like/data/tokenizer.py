@@ -16,6 +16,8 @@ may still emit them before it is trained, and `decode` renders them as `<unused_
 seed up to `max_sentences`, so training takes seconds), or loads an existing `spiece.model`.
 A trained model is cached as `<workdir>/tokenizer/spm_<key>.model`, where `key` hashes the corpus
 fingerprint and every training option: a different corpus or vocabulary never reuses a stale model.
+Paths may be cloud URIs (`gs://...`, through etils.epath). In a multi-process job only process 0
+trains and writes the model; the others wait for it (a barrier) and load it.
 """
 from __future__ import annotations
 
@@ -23,15 +25,15 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from typing import Iterable, Sequence
 
+import jax
 import numpy as np
 import sentencepiece as spm
 
+from t5like import paths
 from t5like.data import corpus as corpus_lib
 
 log = logging.getLogger(__name__)
@@ -65,8 +67,7 @@ class Tokenizer:
   @classmethod
   def from_file(cls, path: str, num_extra_ids: int = NUM_EXTRA_IDS) -> 'Tokenizer':
     try:
-      with open(path, 'rb') as f:
-        proto = f.read()
+      proto = paths.resolve(path).read_bytes()
     except OSError as e:
       raise TokenizerError(f'cannot read SentencePiece model {path}: {e.strerror or e}; set '
                            "data.tokenizer to an existing spiece.model or '' to train one") from None
@@ -213,16 +214,17 @@ def load_or_train(train_docs: Sequence[corpus_lib.Document], workdir: str, *,
   if tokenizer_path:
     return Tokenizer.from_file(tokenizer_path)
   key = cache_key(train_docs, vocab_size, max_sentences, seed)
-  folder = os.path.join(workdir, 'tokenizer')
-  path = os.path.join(folder, f'spm_{key}.model')
-  if os.path.exists(path):
+  folder = paths.resolve(workdir) / 'tokenizer'
+  path = folder / f'spm_{key}.model'
+  if path.exists():
     log.info('reusing tokenizer %s', path)
-    return Tokenizer.from_file(path)
-  tok = train_tokenizer(train_docs, vocab_size, max_sentences=max_sentences, seed=seed)
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.spm_', suffix='.tmp')
-  with os.fdopen(fd, 'wb') as f:
-    f.write(tok.model_proto)
-  os.replace(tmp, path)  # atomic: concurrent processes write identical models
-  log.info('saved tokenizer %s', path)
-  return Tokenizer.from_file(path)
+    return Tokenizer.from_file(paths.as_str(path))
+  if jax.process_index() == 0:   # one writer; the other processes wait below, then load it
+    tok = train_tokenizer(train_docs, vocab_size, max_sentences=max_sentences, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths.write_atomic(path, tok.model_proto)
+    log.info('saved tokenizer %s', path)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # only multi-process jobs need the barrier
+    multihost_utils.sync_global_devices(f'tokenizer {key}')
+  return Tokenizer.from_file(paths.as_str(path))

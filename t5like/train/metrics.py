@@ -4,6 +4,10 @@
   (`{"step": ..., "split": "train" | "eval", ...}`) and TensorBoard event files under
   `<workdir>/tensorboard/` (tensorboardX: no TensorFlow). Resuming at step s drops JSONL records
   beyond s (written after the checkpoint the run resumes from), so the file has each step once.
+  The workdir may be a cloud URI (`gs://bucket/run`, through etils.epath; an object cannot be
+  appended to, so there the file is rewritten whole at each write, and TensorBoard's event files
+  are uploaded whole at each flush). In a multi-process job only process 0 writes (the others'
+  writers are disabled), so a shared workdir has one metrics file and one set of event files.
 - `ProgressLine`: 'step 120/600 [20%] loss 3.214 lr 1.0e-03 | 2.3k tok/s MFU 31.0% | 1m02s
   elapsed, ETA 4m08s'.
 - `plot_curves(jsonl, png)`: training and validation loss, learning rate and throughput vs step
@@ -13,6 +17,7 @@
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -22,6 +27,9 @@ from typing import Any, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
+
+from t5like import paths
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
@@ -50,49 +58,107 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float | int]:
   return out
 
 
-class MetricsWriter:
-  """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard events."""
+class _EpathRecordWriter:
+  """A tensorboardX event file on cloud storage through epath: the bytes are kept and the whole
+  object is uploaded at each flush (object stores cannot append), as tensorboardX's own GCS
+  writer does, but through the same filesystem layer as every other workdir file."""
 
-  def __init__(self, workdir: str, resume_step: int | None = None):
-    os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, METRICS_FILE)
-    if resume_step is not None and os.path.exists(self.path):
-      kept = [r for r in read_jsonl(self.path) if r.get('step', 0) <= resume_step]
-      with open(self.path, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in kept)
-    elif resume_step is None and os.path.exists(self.path):
-      os.remove(self.path)
-    self._file = open(self.path, 'a')
+  def __init__(self, path: str):
+    self._path, self._buffer = epath.Path(path), bytearray()
+
+  def write(self, data: bytes) -> None:
+    self._buffer += data
+
+  def flush(self) -> None:
+    self._path.write_bytes(bytes(self._buffer))
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathWriterFactory:
+  def open(self, path: str) -> _EpathRecordWriter:
+    return _EpathRecordWriter(path)
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _register_tensorboard_gcs() -> None:
+  from tensorboardX import record_writer
+  record_writer.register_writer_factory('gs', _EpathWriterFactory())
+
+
+class MetricsWriter:
+  """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard events (process 0 only, unless
+  `enabled` says otherwise)."""
+
+  def __init__(self, workdir: str, resume_step: int | None = None, enabled: bool | None = None):
+    root = paths.resolve(workdir)
+    self.path = paths.as_str(root / METRICS_FILE)
+    self.tensorboard_dir = paths.as_str(root / TENSORBOARD_DIR)
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._remote = paths.is_remote(root)
+    self._file = self._tb = None
+    self._lines: list[str] = []   # cloud storage: the whole file, rewritten at each write
+    if not self.enabled:
+      return
+    root.mkdir(parents=True, exist_ok=True)
+    path = epath.Path(self.path)
+    kept = []
+    if resume_step is not None and path.exists():
+      kept = [json.dumps(r) + '\n' for r in read_jsonl(self.path)
+              if r.get('step', 0) <= resume_step]
+    if self._remote:
+      self._lines = kept
+      path.write_text(''.join(kept))
+      _register_tensorboard_gcs()
+    else:
+      if resume_step is not None and path.exists():
+        with open(self.path, 'w') as f:
+          f.writelines(kept)
+      elif resume_step is None and path.exists():
+        os.remove(self.path)
+      self._file = open(self.path, 'a')
     from tensorboardX import SummaryWriter
-    self.tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIR)
     self._tb = SummaryWriter(self.tensorboard_dir, purge_step=resume_step, flush_secs=10)
 
   def write(self, step: int, metrics: Mapping[str, Any], split: str = 'train') -> dict:
     record = {'step': int(step), 'split': split, **_scalars(metrics)}
-    self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
+    if not self.enabled:
+      return record
+    line = json.dumps(record) + '\n'
+    if self._remote:
+      self._lines.append(line)
+      epath.Path(self.path).write_text(''.join(self._lines))
+    else:
+      self._file.write(line)
+      self._file.flush()
     for k, v in record.items():
       if k not in ('step', 'split'):
         self._tb.add_scalar(f'{split}/{k}', v, int(step))
     return record
 
   def write_text(self, step: int, tag: str, text: str) -> None:
-    self._tb.add_text(tag, text, int(step))
+    if self.enabled:
+      self._tb.add_text(tag, text, int(step))
 
   def close(self) -> None:
-    self._file.close()
-    self._tb.close()
+    if self._file is not None:
+      self._file.close()
+    if self._tb is not None:
+      self._tb.close()
 
 
 def read_jsonl(path: str) -> list[dict]:
-  """The records of a metrics file; a line cut short by a kill is skipped."""
+  """The records of a metrics file (a local path or a cloud URI); a line cut short by a kill is
+  skipped."""
   out = []
-  with open(path) as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
+  for line in paths.resolve(path).read_text().splitlines():
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
   return out
 
 
@@ -165,8 +231,10 @@ def plot_curves(jsonl_path: str, png_path: str) -> str:
     ax.set(xlabel='step', title=title)
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(png_path, dpi=100)
+  image = io.BytesIO()
+  fig.savefig(image, format='png', dpi=100)
   plt.close(fig)
+  paths.write_atomic(png_path, image.getvalue())   # a local file or a cloud URI
   return png_path
 
 

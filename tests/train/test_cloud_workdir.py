@@ -1,0 +1,83 @@
+"""Workdirs on cloud storage: every workdir file goes through etils.epath, and a gs:// path is never
+turned into a local folder. gs:// is served here by fsspec's in-memory filesystem (registered for
+the gs / gcs protocols, which is what epath asks fsspec for), so the real code path runs offline."""
+import json
+import os
+
+import fsspec
+import numpy as np
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from t5like import paths
+from t5like.data import corpus as corpus_lib
+from t5like.data import tokenizer as tokenizer_lib
+from t5like.train import metrics as metrics_lib
+
+
+class FakeGCS(MemoryFileSystem):
+  protocol = ('gs', 'gcs')
+  root_marker = ''
+  store: dict = {}
+  pseudo_dirs = ['']
+
+
+@pytest.fixture
+def fake_gcs(monkeypatch, tmp_path):
+  """gs:// in memory; the test runs in an empty local folder, to see that nothing lands there."""
+  for proto in ('gs', 'gcs'):
+    fsspec.register_implementation(proto, FakeGCS, clobber=True)
+  FakeGCS.store.clear()
+  FakeGCS.pseudo_dirs[:] = ['']
+  monkeypatch.chdir(tmp_path)
+  yield FakeGCS
+  FakeGCS.store.clear()
+  assert os.listdir(tmp_path) == [], 'a gs:// path was written to a local folder'
+
+
+def test_uris_are_never_local_paths():
+  assert paths.is_remote('gs://bucket/run') and paths.is_remote('s3://b/x')
+  assert not paths.is_remote('runs/x') and not paths.is_remote('/abs/runs')
+  assert paths.as_str(paths.resolve('gs://bucket/run') / 'checkpoints') == 'gs://bucket/run/checkpoints'
+  assert paths.as_str(paths.resolve('runs/x')) == os.path.abspath('runs/x')
+  # os.path.abspath is what must never see a URI: it would make a local 'gs:' folder.
+  assert os.path.abspath('gs://bucket/run') != 'gs://bucket/run'
+
+
+def test_metrics_tensorboard_and_plot_on_gcs(fake_gcs):
+  w = metrics_lib.MetricsWriter('gs://bucket/run', enabled=True)
+  for step in (10, 20, 30):
+    w.write(step, {'loss': 5.0 - step / 10, 'tokens': 100.0})
+  w.write(30, {'loss': 4.5}, 'eval')
+  w.close()
+  assert w.path == 'gs://bucket/run/metrics.jsonl'
+  records = metrics_lib.read_jsonl(w.path)
+  assert [r['step'] for r in records] == [10, 20, 30, 30]
+  events = [k for k in fake_gcs.store if k.startswith('gs://bucket/run/tensorboard/events.out')]
+  assert len(events) == 1 and len(fake_gcs.store[events[0]].getvalue()) > 100
+  png = metrics_lib.plot_curves(w.path, 'gs://bucket/run/curves.png')
+  assert fake_gcs.store[png].getvalue()[:4] == b'\x89PNG'
+  # A resumed run at step 20 drops what was written after its checkpoint.
+  w = metrics_lib.MetricsWriter('gs://bucket/run', resume_step=20, enabled=True)
+  w.write(30, {'loss': 1.0})
+  w.close()
+  assert [(r['step'], r['loss']) for r in metrics_lib.read_jsonl(w.path)][-2:] == [(20, 3.0),
+                                                                                  (30, 1.0)]
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+  w = metrics_lib.MetricsWriter(str(tmp_path / 'run'), enabled=False)
+  assert w.write(5, {'loss': np.float32(2.0)}) == {'step': 5, 'split': 'train', 'loss': 2.0}
+  w.close()
+  assert not (tmp_path / 'run').exists()
+
+
+def test_tokenizer_trained_into_and_reused_from_gcs(fake_gcs):
+  docs = [corpus_lib.Document(d.name, d.text[:12_000])
+          for d in corpus_lib.shakespeare_documents()[:4]]
+  tok = tokenizer_lib.load_or_train(docs, 'gs://bucket/run', vocab_size=600, max_sentences=1000)
+  saved = [k for k in fake_gcs.store if k.startswith('gs://bucket/run/tokenizer/spm_')]
+  assert len(saved) == 1 and saved[0].endswith('.model') and tok.source == saved[0]
+  again = tokenizer_lib.load_or_train(docs, 'gs://bucket/run', vocab_size=600, max_sentences=1000)
+  assert again.model_proto == tok.model_proto
+  assert tokenizer_lib.Tokenizer.from_file(saved[0]).encode('line 3') == tok.encode('line 3')
