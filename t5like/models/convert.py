@@ -444,8 +444,13 @@ def _check_tree(cfg: ModelConfig, params, what: str) -> None:
 
 
 def export_hf_t5(cfg: ModelConfig, params, folder: str, dtype: str = 'float32',
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, spiece_model: bytes | None = None) -> None:
   """Writes `params` of `cfg` as an HF T5 folder (config.json + model.safetensors).
+
+  With `spiece_model` (a T5-layout SentencePiece model's bytes: `Tokenizer.model_proto`), the
+  tokenizer files are written too (spiece.model, tokenizer_config.json, special_tokens_map.json),
+  so `T5Tokenizer` / `AutoTokenizer.from_pretrained(folder)` load it with the 100 sentinels. (HF's
+  converted tokenizer has no byte fallback: characters outside the pieces become <unk> there.)
 
   dtype: 'float32' (default; exact for f32 and bf16 params) or 'bfloat16'. The folder is built
   next to `folder` and renamed into place; an existing non-empty folder is an error unless
@@ -485,6 +490,8 @@ def export_hf_t5(cfg: ModelConfig, params, folder: str, dtype: str = 'float32',
       json.dump(hf_config, f, indent=2, sort_keys=True)
       f.write('\n')
     save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={'format': 'pt'})
+    if spiece_model is not None:
+      _write_hf_tokenizer(tmp, spiece_model)
     if occupied:
       old = tempfile.mkdtemp(prefix=f'.{os.path.basename(folder)}.old-', dir=parent)
       os.replace(folder, os.path.join(old, 'folder'))
@@ -495,3 +502,18 @@ def export_hf_t5(cfg: ModelConfig, params, folder: str, dtype: str = 'float32',
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+HF_TOKENIZER_FILE = 'spiece.model'
+_HF_SPECIAL = {'eos_token': '</s>', 'unk_token': '<unk>', 'pad_token': '<pad>'}
+
+
+def _write_hf_tokenizer(folder: str, spiece_model: bytes) -> None:
+  with open(os.path.join(folder, HF_TOKENIZER_FILE), 'wb') as f:
+    f.write(spiece_model)
+  extra = [f'<extra_id_{i}>' for i in range(100)]
+  with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
+    json.dump({'tokenizer_class': 'T5Tokenizer', 'extra_ids': 100, 'model_max_length': 512,
+               'additional_special_tokens': extra, **_HF_SPECIAL}, f, indent=2)
+  with open(os.path.join(folder, 'special_tokens_map.json'), 'w') as f:
+    json.dump({**_HF_SPECIAL, 'additional_special_tokens': extra}, f, indent=2)
