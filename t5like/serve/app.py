@@ -1,221 +1,140 @@
-"""The HTTP API (fastapi): OpenAI-compatible completions, models, admin, health, metrics.
+"""The HTTP API (fastapi): OpenAI-compatible completions and chat, scoring, models, admin, health.
 
-  POST /v1/completions                 OpenAI fields: model ('name' or 'name:version'), prompt (text,
-                                       token ids, or a list of one of either), max_tokens (16),
-                                       temperature (1.0), top_p, top_k (extension; 0 or -1 off), n=1,
-                                       stop (string or up to 4), stop_token_ids (extension), seed,
-                                       stream (SSE ending in `data: [DONE]`), stream_options
-                                       {include_usage}, timeout (extension, seconds, at most the
-                                       server's), return_token_ids (extension: the choice gets
-                                       prompt_token_ids and token_ids), user (ignored)
-  GET  /v1/models, /v1/models/{name}   OpenAI model objects; the latter adds TF Serving's
-                                       model_version_status (LOADING, AVAILABLE, UNLOADING, END)
-  POST /admin/models/{name}/load       {"version": N} optional; bearer token (401 without, 403 when
-  POST /admin/models/{name}/unload     the server has no --admin_token)
-  POST /admin/reload                   re-apply the version policy to the base path
-  GET  /health/live, /health/ready     ready: a version AVAILABLE, warmed up, engine thread alive
-  GET  /metrics                        Prometheus text format (t5like.serve.metrics)
+  POST /v1/completions        OpenAI's fields (t5like.serve.schemas.CompletionRequest): prompt is
+                              text, token ids, or a list of either (batched: one choice per prompt
+                              and n); n, logprobs (top-N per token), echo (decoder-only), stop,
+                              seed, stream (SSE ending in `data: [DONE]`), stream_options; extensions
+                              top_k, stop_token_ids, timeout (seconds, at most the server's),
+                              return_token_ids
+  POST /v1/chat/completions   messages rendered by the bundle's chat template (t5like.serve.chat);
+                              n, logprobs + top_logprobs, stream, the sampling fields above
+  POST /v1/score              log-likelihood of each target given the input, batched
+  POST /tokenize, /detokenize the bundle's tokenizer
+  GET  /v1/models, /v1/models/{name}   OpenAI model objects; the latter adds `ready` and TF
+                              Serving's model_version_status (LOADING, AVAILABLE, UNLOADING, END,
+                              with the error of a failed load)
+  POST /admin/models/{name}/load, /admin/models/{name}/unload, /admin/reload   bearer token
+                              (401 without, 403 when the server has none); not in /openapi.json
+  GET  /health/live           the process answers (never waits on work)
+  GET  /health/ready, /health every model found at start-up AVAILABLE, warmed up, engine alive
+  GET  /metrics               Prometheus text (t5like.serve.metrics; vLLM names on request)
 
-Text prompts are encoded with the bundle's tokenizer; an encoder-decoder model gets EOS appended
-(T5's inputs end with it), a decoder-only model does not. Token-id prompts are used as given.
-Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}` with the HTTP status: 400 for
-malformed JSON, unknown or unsupported fields, bad values and over-long prompts (never truncated);
-404 unknown model or version; 429 (Retry-After) queue full; 503 not available or shutting down;
-504 a non-streaming request past its timeout (a streaming one ends with finish_reason "timeout");
-500 an error inside one request, which never stops the server. Requests aborted by a shutdown end
-with finish_reason "abort".
+Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}`: 400 malformed or
+out-of-range input (never truncated), 404 unknown model, version or route, 405 wrong method, 413
+body over `max_body_bytes`, 429 queue full (Retry-After), 503 not available or shutting down, 504
+a non-streaming request past its timeout (a stream ends with finish_reason "timeout"), 500 an error
+inside one request (the server carries on). Bodies are parsed, validated and tokenised in worker
+threads: the event loop only routes and streams. Public answers name no filesystem path.
 """
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
+import dataclasses
 import hmac
 import json
 import logging
-import math
+import re
 import threading
 import time
 import uuid
-from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t5like.infer import engine as engine_lib
 from t5like.serve import registry as registry_lib
-from t5like.serve.metrics import ServerMetrics
+from t5like.serve import schemas
+from t5like.serve.chat import ChatTemplateError
+from t5like.serve.generation import Generation, TokenLogprob
+from t5like.serve.metrics import OTHER_MODEL, ServerMetrics
+from t5like.serve.schemas import ApiError
 
 log = logging.getLogger(__name__)
 
 COMPLETIONS = '/v1/completions'
-_MAX_STOP = 4
-_ERROR_TYPES = {400: 'invalid_request_error', 401: 'authentication_error', 403: 'permission_error',
-                404: 'not_found_error', 429: 'rate_limit_error', 500: 'server_error',
-                503: 'service_unavailable', 504: 'timeout'}
-# OpenAI fields we accept only at their neutral value (anything else is a 400 naming the field).
-_NEUTRAL = {'echo': (False,), 'logprobs': (None, 0), 'best_of': (None, 1), 'suffix': (None, ''),
-            'presence_penalty': (None, 0, 0.0), 'frequency_penalty': (None, 0, 0.0),
-            'logit_bias': (None, {})}
-_FIELDS = {'model', 'prompt', 'max_tokens', 'temperature', 'top_p', 'top_k', 'n', 'stop',
-           'stop_token_ids', 'seed', 'stream', 'stream_options', 'user', 'timeout',
-           'return_token_ids', *_NEUTRAL}
-
-
-class ApiError(Exception):
-  def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-               headers: dict | None = None):
-    super().__init__(message)
-    self.status, self.message, self.param, self.code = status, message, param, code
-    self.headers = headers or {}
-
-
-def _error_response(e: ApiError) -> JSONResponse:
-  body = {'error': {'message': e.message, 'type': _ERROR_TYPES.get(e.status, 'error'),
-                    'param': e.param, 'code': e.code}}
-  return JSONResponse(body, status_code=e.status, headers=e.headers)
-
-
-# ---- request parsing -----------------------------------------------------------------------------
-
-def _number(data, key, default, lo=None, hi=None, integer=False, lo_open=False):
-  v = data.get(key, default)
-  if v is None:
-    return default
-  ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-  if isinstance(v, bool) or not ok or (not integer and not math.isfinite(v)):
-    raise ApiError(400, f'{key} must be {"an integer" if integer else "a number"}, got {v!r}', key)
-  if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
-    rng = f'{"(" if lo_open else "["}{lo}, {hi if hi is not None else "inf"}]'
-    raise ApiError(400, f'{key} must be in {rng}, got {v!r}', key)
-  return v
-
-
-def parse_completion(data: Any) -> dict:
-  """Checks an OpenAI completion body; returns the normalised fields or raises ApiError(400)."""
-  if not isinstance(data, dict):
-    raise ApiError(400, f'the request body must be a JSON object, got {type(data).__name__}')
-  unknown = sorted(set(data) - _FIELDS)
-  if unknown:
-    raise ApiError(400, f'unknown field(s) {unknown}; supported fields: {sorted(_FIELDS)}',
-                   unknown[0])
-  for k, neutral in _NEUTRAL.items():
-    if k in data and not any(data[k] == n and type(data[k]) is type(n) or data[k] is n
-                             for n in neutral):
-      raise ApiError(400, f'{k}={data[k]!r} is not supported by this server; omit it', k)
-  model = data.get('model')
-  if not isinstance(model, str) or not model:
-    raise ApiError(400, "model is required: a model name ('name' or 'name:version')", 'model')
-  if 'prompt' not in data:
-    raise ApiError(400, 'prompt is required (text or a list of token ids)', 'prompt')
-  prompt = data['prompt']
-  if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-    prompt = prompt[0]
-  if isinstance(prompt, list):
-    if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-      raise ApiError(400, 'prompt must be a string, a non-empty list of token ids, or a list '
-                     'holding one of those (batched prompts are not supported: send one request '
-                     'each)', 'prompt')
-  elif not isinstance(prompt, str):
-    raise ApiError(400, f'prompt must be a string or a list of token ids, got '
-                   f'{type(prompt).__name__}', 'prompt')
-  elif not prompt:
-    raise ApiError(400, 'prompt is empty', 'prompt')
-  n = _number(data, 'n', 1, integer=True)
-  if n != 1:
-    raise ApiError(400, f'n={n} is not supported; this server returns one choice (n=1)', 'n')
-  stop = data.get('stop')
-  if stop is None:
-    stop = []
-  elif isinstance(stop, str):
-    stop = [stop]
-  if (not isinstance(stop, list) or len(stop) > _MAX_STOP
-      or not all(isinstance(s, str) and s for s in stop)):
-    raise ApiError(400, f'stop must be a non-empty string or a list of up to {_MAX_STOP} of them',
-                   'stop')
-  stop_ids = data.get('stop_token_ids') or []
-  if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
-                                               for t in stop_ids):
-    raise ApiError(400, 'stop_token_ids must be a list of token ids', 'stop_token_ids')
-  stream = data.get('stream', False)
-  if not isinstance(stream, bool):
-    raise ApiError(400, f'stream must be true or false, got {stream!r}', 'stream')
-  opts = data.get('stream_options') or {}
-  if not isinstance(opts, dict) or set(opts) - {'include_usage', 'continuous_usage_stats'}:
-    raise ApiError(400, 'stream_options may only hold include_usage', 'stream_options')
-  if opts and not stream:
-    raise ApiError(400, 'stream_options needs stream=true', 'stream_options')
-  seed = data.get('seed')
-  if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
-                           or not 0 <= seed < 2 ** 63):
-    raise ApiError(400, f'seed must be a non-negative integer, got {seed!r}', 'seed')
-  top_k = _number(data, 'top_k', 0, lo=-1, integer=True)
-  for k in ('return_token_ids',):
-    if not isinstance(data.get(k, False), bool):
-      raise ApiError(400, f'{k} must be true or false', k)
-  if 'user' in data and not isinstance(data['user'], str):
-    raise ApiError(400, 'user must be a string', 'user')
-  return dict(
-      model=model, prompt=prompt, stop=stop, stop_token_ids=tuple(stop_ids), stream=stream,
-      include_usage=bool(opts.get('include_usage')), seed=seed,
-      max_tokens=_number(data, 'max_tokens', 16, lo=1, integer=True),
-      temperature=float(_number(data, 'temperature', 1.0, lo=0, hi=2)),
-      top_p=float(_number(data, 'top_p', 1.0, lo=0, hi=1, lo_open=True)),
-      top_k=max(top_k, 0), return_token_ids=data.get('return_token_ids', False), timeout=_number(data, 'timeout', None, lo=0, lo_open=True))
+CHAT = '/v1/chat/completions'
+DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 
 def split_model(model: str) -> tuple[str, int | None]:
   name, sep, version = model.rpartition(':')
-  if sep and version.isdigit():
+  if sep and version.isdigit() and len(version) < 10:
     return name, int(version)
   return model, None
 
 
-# ---- incremental detokenisation and stop strings -------------------------------------------------
-
-class TextTracker:
-  """Turns tokens into text deltas; holds back what could still become a stop string."""
-
-  def __init__(self, tokenizer, stop: list[str]):
-    self.tok, self.stop = tokenizer, stop
-    self.hold = max((len(s) for s in stop), default=1) - 1
-    self.ids: list[int] = []
-    self.sent = 0
-    self.text = ''
-    self.stopped = False
-
-  def add(self, token_id: int) -> str:
-    """Appends a token; returns the new text that is safe to send."""
-    self.ids.append(token_id)
-    self.text = self.tok.decode(self.ids)
-    for s in self.stop:
-      i = self.text.find(s, max(0, self.sent - len(s)))
-      if i >= 0:
-        self.text, self.stopped = self.text[:i], True
-    if self.stopped:
-      return self.flush()
-    end = len(self.text) - self.hold
-    while end > self.sent and self.text[end - 1] == '\ufffd':   # an incomplete UTF-8 sequence
-      end -= 1
-    return self._take(end)
-
-  def flush(self) -> str:
-    return self._take(len(self.text))
-
-  def _take(self, end: int) -> str:
-    if end <= self.sent:
-      return ''
-    out, self.sent = self.text[self.sent:end], end
-    return out
+def error_response(e: ApiError) -> JSONResponse:
+  return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-# ---- the app -------------------------------------------------------------------------------------
+_ABS_PATH = re.compile(r"(?<![\w.~-])/[^\s'\"():,;]+")
+
+
+def public_message(message: str, base_path: str) -> str:
+  """`message` without filesystem paths: a path under the base path keeps its part inside it
+  (`<name>/<version>/<file>`), any other absolute path becomes `<path>`."""
+  base = base_path.rstrip('/') + '/'
+
+  def sub(m):
+    p = m.group(0)
+    return p[len(base):] if p.startswith(base) else '<path>'
+  return _ABS_PATH.sub(sub, message)
+
+
+# ---- ASGI middleware -----------------------------------------------------------------------------
+
+class _BodyLimit:
+  """Refuses bodies over `limit` bytes with 413 before anything parses them (Content-Length
+  checked first; a chunked body is counted as it arrives). The body is then replayed to the app;
+  later `receive` calls go to the server (disconnect detection)."""
+
+  def __init__(self, app, limit: int):
+    self.app, self.limit = app, limit
+
+  async def __call__(self, scope, receive, send):
+    if scope['type'] != 'http' or scope['method'] in ('GET', 'HEAD', 'OPTIONS'):
+      return await self.app(scope, receive, send)
+    too_big = ApiError(413, f'the request body is over the server\'s limit of {self.limit} bytes '
+                       '(--max_body_bytes); send a smaller body', None, 'body_too_large')
+    declared = dict(scope.get('headers') or ()).get(b'content-length')
+    if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+      if not declared.isdigit():
+        too_big = ApiError(400, 'Content-Length is not a number')
+      return await error_response(too_big)(scope, receive, send)
+    chunks, size = [], 0
+    while True:
+      msg = await receive()
+      if msg['type'] == 'http.disconnect':
+        return
+      size += len(msg.get('body', b''))
+      if size > self.limit:
+        return await error_response(too_big)(scope, receive, send)
+      chunks.append(msg.get('body', b''))
+      if not msg.get('more_body'):
+        break
+    replayed = False
+
+    async def replay():
+      nonlocal replayed
+      if not replayed:
+        replayed = True
+        return {'type': 'http.request', 'body': b''.join(chunks), 'more_body': False}
+      return await receive()
+    return await self.app(scope, replay, send)
+
 
 class _Counting:
-  """ASGI middleware: counts every response by model, version, endpoint and status."""
+  """Counts every response by model, version, route and status. The model label is a loaded
+  model's name or OTHER_MODEL: no client string reaches a label."""
 
-  def __init__(self, app, metrics: ServerMetrics):
-    self.app, self.metrics = app, metrics
+  def __init__(self, app, metrics: ServerMetrics, is_model):
+    self.app, self.metrics, self.is_model = app, metrics, is_model
 
   async def __call__(self, scope, receive, send):
     if scope['type'] != 'http':
@@ -232,64 +151,107 @@ class _Counting:
     finally:
       route = scope.get('route')
       endpoint = getattr(route, 'path', None) or 'unmatched'
-      self.metrics.requests.labels(scope.get('t5like.model', ''), scope.get('t5like.version', ''),
-                                   endpoint, str(status.get('code', 500))).inc()
+      model = scope.get('t5like.model', '')
+      if model and not self.is_model(model):
+        model = OTHER_MODEL
+      self.metrics.requests.labels(model, scope.get('t5like.version', ''), endpoint,
+                                   str(status.get('code', 500))).inc()
 
+
+class _GuardedRoute(APIRoute):
+  """Turns an unexpected exception inside a route into that request's 500 (OpenAI's shape); the
+  connection and the server carry on."""
+
+  def get_route_handler(self):
+    handler = super().get_route_handler()
+
+    async def guarded(request: Request):
+      try:
+        return await handler(request)
+      except (ApiError, StarletteHTTPException, RequestValidationError):
+        raise
+      except Exception as e:
+        log.exception('request failed')
+        raise ApiError(500, f'internal error: {type(e).__name__}: {e}') from None
+    return guarded
+
+
+# ---- the app -------------------------------------------------------------------------------------
 
 def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
                metrics: ServerMetrics | None = None, request_timeout_s: float | None = 600.0,
-               load_on_startup: bool = False, retry_after_s: int = 1) -> FastAPI:
+               load_on_startup: bool = False, retry_after_s: int = 1,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, strict_fields: bool = False,
+               metrics_names: str = 't5like') -> FastAPI:
   """The FastAPI app serving `registry`. `load_on_startup` applies the version policy in a
-  background thread once the server runs (so /health/live answers while models compile)."""
-  from contextlib import asynccontextmanager
-  metrics = metrics or ServerMetrics(registry.snapshot)
+  background thread once the server runs (so /health/live answers while models compile);
+  `strict_fields` refuses unknown body fields (default: accept them, naming them in a Warning
+  header); `metrics_names` 'vllm' exposes vLLM's metric names."""
+  metrics = metrics or ServerMetrics(registry.snapshot, names=metrics_names)
+  body_models: dict[str, dict] = {}
 
-  @asynccontextmanager
+  @contextlib.asynccontextmanager
   async def lifespan(_app):
     if load_on_startup:
       threading.Thread(target=registry.reload, name='initial-load', daemon=True).start()
     yield
 
-  app = FastAPI(title='t5like', lifespan=lifespan, docs_url=None, redoc_url=None)
+  app = FastAPI(title='t5like', version='1', lifespan=lifespan, docs_url=None, redoc_url=None)
+  app.router.route_class = _GuardedRoute
   app.state.registry, app.state.metrics = registry, metrics
-  app.add_middleware(_Counting, metrics=metrics)
+  registry.load_failure_hooks.append(
+      lambda name, kind: metrics.load_failures.labels(name, kind).inc())
+  app.add_middleware(_BodyLimit, limit=max_body_bytes)
+  app.add_middleware(_Counting, metrics=metrics, is_model=registry.is_model)
 
+  def public(message: str) -> str:
+    return public_message(message, registry.base_path)
+
+  # ---- errors: every one in OpenAI's shape -------------------------------------------------------
   @app.exception_handler(ApiError)
   async def _api_error(_req, e: ApiError):
-    return _error_response(e)
+    e.message = public(e.message)
+    return error_response(e)
 
-  def guarded(fn):
-    """Turns an unexpected exception into a 500 of this request (handled here, so the
-    connection and the server carry on)."""
-    @functools.wraps(fn)
-    async def wrapper(*args, **kwargs):
-      try:
-        return await fn(*args, **kwargs)
-      except ApiError:
-        raise
-      except Exception as e:
-        log.exception('request failed')
-        raise ApiError(500, f'internal error: {type(e).__name__}: {e}') from None
-    return wrapper
+  @app.exception_handler(StarletteHTTPException)
+  async def _http_error(req: Request, e: StarletteHTTPException):
+    if e.status_code == 404:
+      msg = 'no such route; see /openapi.json for the routes this server has'
+    elif e.status_code == 405:
+      msg = f'method {req.method} is not allowed on this route'
+    else:
+      msg = str(e.detail)
+    return error_response(ApiError(e.status_code, msg, None, None, dict(e.headers or {})))
+
+  @app.exception_handler(RequestValidationError)
+  async def _validation_error(_req, e: RequestValidationError):
+    first = e.errors()[0] if e.errors() else {}
+    param = '.'.join(str(p) for p in first.get('loc', ())[1:]) or None
+    return error_response(ApiError(400, f'{param}: {first.get("msg", "invalid request")}', param))
 
   def reject(model: str, reason: str, e: ApiError):
-    metrics.rejections.labels(model, reason).inc()
+    metrics.rejections.labels(model if registry.is_model(model) else OTHER_MODEL, reason).inc()
     raise e
 
-  # ---- completions -------------------------------------------------------------------------------
-  @app.post(COMPLETIONS)
-  @guarded
-  async def completions(request: Request):
+  async def parse(request: Request, cls):
     body = await request.body()
     try:
-      data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      reject('', 'malformed_json', ApiError(400, f'the request body is not valid JSON: {e}'))
-    try:
-      p = parse_completion(data)
+      req, unknown = await run_in_threadpool(schemas.parse_body, cls, body,
+                                             strict_fields=strict_fields)
     except ApiError as e:
-      reject(str(data.get('model', '')) if isinstance(data, dict) else '', 'bad_request', e)
-    name, version = split_model(p['model'])
+      reject('', 'bad_request', e)
+    request.state.unknown_fields = unknown
+    return req
+
+  def headers(request: Request, extra: dict | None = None) -> dict:
+    out = dict(extra or {})
+    unknown = getattr(request.state, 'unknown_fields', None)
+    if unknown:
+      out['Warning'] = ascii(f'299 t5like "unknown fields ignored: {", ".join(unknown)}"')[1:-1][:300]
+    return out
+
+  def lookup(request: Request, model: str) -> registry_lib.ModelVersion:
+    name, version = split_model(model)
     request.scope['t5like.model'] = name
     try:
       mv = registry.get(name, version)
@@ -299,93 +261,346 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
       reject(name, 'unavailable', ApiError(503, str(e), 'model', 'model_unavailable',
                                            {'Retry-After': str(retry_after_s)}))
     request.scope['t5like.version'] = str(mv.version)
-    engine, tok = mv.engine, mv.tokenizer
-    if engine is None:
+    if mv.engine is None:
       reject(name, 'unavailable', ApiError(503, f'model {name!r} is unloading', 'model'))
-    if isinstance(p['prompt'], str):
-      ids = tok.encode(p['prompt']) + ([tok.eos_id] if mv.cfg.is_encdec else [])
-    else:
-      ids = list(p['prompt'])
-    sp = engine_lib.SamplingParams(max_tokens=p['max_tokens'], temperature=p['temperature'],
-                                   top_k=p['top_k'], top_p=p['top_p'], seed=p['seed'],
-                                   stop_token_ids=p['stop_token_ids'])
+    return mv
+
+  def encode(mv, prompt, param: str = 'prompt', add_eos: bool = True) -> list[int]:
+    """Token ids of a text or id prompt, checked against the engine (worker thread)."""
+    if isinstance(prompt, str):
+      ids = encode_text(mv.tokenizer, prompt, mv.engine.max_prompt_len)
+      if ids is None:
+        raise ApiError(400, f'{param} has more than {mv.engine.max_prompt_len} tokens, the most '
+                       'this model accepts; shorten it (it is never truncated)', param,
+                       'context_length_exceeded')
+      return ids + ([mv.tokenizer.eos_id] if add_eos else [])
+    bad = [t for t in prompt if t >= mv.cfg.vocab_size]
+    if bad:
+      raise ApiError(400, f'{param}: token ids out of range [0, {mv.cfg.vocab_size}): {bad[:5]}',
+                     param)
+    return list(prompt)
+
+  def checked(mv, ids: list[int], sp: engine_lib.SamplingParams, which: str = '') -> None:
     try:
-      engine.validate(ids, sp)
+      mv.engine.validate(ids, sp)
     except engine_lib.RequestTooLong as e:
-      reject(name, 'prompt_too_long', ApiError(400, f'{e}; shorten the prompt (it is never '
-                                               'truncated)', 'prompt', 'context_length_exceeded'))
+      raise ApiError(400, f'{which}{e}; shorten the prompt (it is never truncated)', 'prompt',
+                     'context_length_exceeded') from None
     except ValueError as e:
-      param = 'max_tokens' if 'max_tokens' in str(e) else 'prompt'
-      reject(name, 'bad_request', ApiError(400, str(e), param))
-    bad_stop = [t for t in p['stop_token_ids'] if not 0 <= t < mv.cfg.vocab_size]
+      raise ApiError(400, f'{which}{e}', 'max_tokens' if 'max_tokens' in str(e) else 'prompt') \
+          from None
+
+  def sampling(req, mv, max_tokens: int | None) -> engine_lib.SamplingParams:
+    bad_stop = [t for t in req.stop_token_ids or () if t >= mv.cfg.vocab_size]
     if bad_stop:
-      reject(name, 'bad_request', ApiError(400, f'stop_token_ids out of range: {bad_stop}',
-                                           'stop_token_ids'))
-    timeout = request_timeout_s
-    if p['timeout'] is not None:
-      timeout = p['timeout'] if timeout is None else min(timeout, p['timeout'])
+      raise ApiError(400, f'stop_token_ids out of range [0, {mv.cfg.vocab_size}): {bad_stop[:5]}',
+                     'stop_token_ids')
+    if req.stream_options is not None and not req.stream:
+      raise ApiError(400, 'stream_options needs stream=true', 'stream_options')
+    top_k = req.top_k or 0
+    return engine_lib.SamplingParams(
+        max_tokens=max_tokens if max_tokens is not None else mv.engine.max_new_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature, top_k=max(top_k, 0),
+        top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
+        stop_token_ids=tuple(req.stop_token_ids or ()))
 
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    timer = metrics.timer(name, mv.version)
+  def timeout_of(req) -> float | None:
+    if req.timeout is None:
+      return request_timeout_s
+    return req.timeout if request_timeout_s is None else min(request_timeout_s, req.timeout)
 
-    def on_event(kind, value):   # engine thread
-      if kind == 'token':
-        timer.token()
-      loop.call_soon_threadsafe(events.put_nowait, (kind, value))
-
-    req = engine_lib.Request(ids, sp, on_event, timeout_s=timeout)
+  def start(request, mv, gen: Generation, name: str) -> None:
     try:
-      engine.submit(req)
+      gen.submit()
     except engine_lib.QueueFull as e:
       reject(name, 'queue_full', ApiError(429, f'{e}; retry after {retry_after_s}s', None,
                                           'queue_full', {'Retry-After': str(retry_after_s)}))
     except engine_lib.EngineError as e:
       reject(name, 'shutting_down', ApiError(503, str(e), None, 'shutting_down',
                                              {'Retry-After': str(retry_after_s)}))
-    gen = _Generation(req, engine, events, TextTracker(tok, p['stop']), timer,
-                      ids if p['return_token_ids'] else None)
-    meta = {'id': f'cmpl-{uuid.uuid4().hex}', 'created': int(time.time()),
-            'model': f'{name}' if version is None else f'{name}:{version}'}
-    if p['stream']:
-      return StreamingResponse(gen.sse(meta, len(ids), p['include_usage']),
-                               media_type='text/event-stream',
-                               headers={'Cache-Control': 'no-cache', 'X-Accel-Buffering': 'no'})
-    text, reason = await gen.run(request)
-    if reason == 'timeout':
-      raise ApiError(504, f'the request timed out after {timeout}s ({gen.n} tokens generated); '
+
+  def finish_errors(gen: Generation, timeout) -> None:
+    reasons = [c.reason or '' for c in gen.choices]
+    if 'timeout' in reasons:
+      n = sum(c.n for c in gen.choices)
+      raise ApiError(504, f'the request timed out after {timeout}s ({n} tokens generated); '
                      'raise "timeout" or lower max_tokens', 'timeout', 'timeout')
-    if reason.startswith('error'):
-      raise ApiError(500, f'generation failed: {reason}')
-    choice = {'index': 0, 'text': text, 'logprobs': None, 'finish_reason': reason,
-              **gen.token_fields()}
-    return {**meta, 'object': 'text_completion', 'choices': [choice],
-            'usage': _usage(len(ids), gen.n)}
+    errors = [r for r in reasons if r.startswith('error')]
+    if errors:
+      raise ApiError(500, public(f'generation failed: {errors[0]}'))
+
+  def sse_error(reason: str) -> str:
+    err = ApiError(500, public(f'generation failed: {reason}'))
+    return f'data: {json.dumps(err.body())}\n\n'
+
+  # ---- completions -------------------------------------------------------------------------------
+  def completion_logprobs(entries) -> dict:
+    tokens, lps, tops, offsets, pos = [], [], [], [], 0
+    for e in entries:
+      tokens.append(e.token if e else '')
+      lps.append(e.logprob if e and e.logprob is not None else None)
+      tops.append(dict(e.top) if e and e.top else None)
+      offsets.append(pos)
+      pos += len(e.token) if e else 0
+    return {'tokens': tokens, 'token_logprobs': lps, 'top_logprobs': tops, 'text_offset': offsets}
+
+  @app.post(COMPLETIONS, openapi_extra=_body_schema(schemas.CompletionRequest, body_models))
+  async def completions(request: Request):
+    req = await parse(request, schemas.CompletionRequest)
+    mv = lookup(request, req.model)
+    name = mv.name
+    try:
+      if req.echo and mv.cfg.is_encdec:
+        raise ApiError(400, 'echo=true needs a decoder-only model: an encoder-decoder model does '
+                       'not continue its prompt', 'echo')
+      if req.best_of is not None and req.best_of != req.n:
+        raise ApiError(400, f'best_of={req.best_of} is not supported; omit it or set it to n',
+                       'best_of')
+      sp = sampling(req, mv, req.max_tokens)
+      sp.logprobs = req.logprobs
+      prompts = req.prompt
+      if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+
+      def prepare():
+        ids = [encode(mv, p, add_eos=mv.cfg.is_encdec) for p in prompts]
+        for i, x in enumerate(ids):
+          checked(mv, x, sp, f'prompt {i}: ' if len(ids) > 1 else '')
+        echo = []
+        if req.echo:
+          for p, x in zip(prompts, ids):
+            text = p if isinstance(p, str) else mv.tokenizer.decode(x)
+            lps = _prompt_logprobs(mv, x, req.logprobs) if req.logprobs is not None else []
+            echo.append((text, lps))
+        return ids, echo
+      ids_list, echo = await run_in_threadpool(prepare)
+    except ApiError as e:
+      reject(name, 'bad_request', e)
+    timeout = timeout_of(req)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    gen = Generation(mv.engine, mv.tokenizer, lambda: metrics.timer(name, mv.version), stop=stop,
+                     logprobs=req.logprobs)
+    for pi, ids in enumerate(ids_list):
+      for j in range(req.n):
+        seed = None if req.seed is None else (req.seed + j) % 2 ** 63
+        c = gen.add(ids, _replace(sp, seed=seed), timeout, pi)
+        if echo:
+          c.echo, c.echo_logprobs = echo[pi]
+    start(request, mv, gen, name)
+    meta = {'id': f'cmpl-{uuid.uuid4().hex}', 'created': int(time.time()), 'model': req.model}
+
+    def choice_body(c, text, reason, entries=None):
+      """One choice: the whole of it, or (a stream chunk) `text` with its logprob `entries`."""
+      stream = entries is not None
+      body = {'index': c.index, 'text': text, 'logprobs': None, 'finish_reason': reason}
+      if req.logprobs is not None:
+        body['logprobs'] = completion_logprobs(entries if stream else
+                                               list(c.echo_logprobs) + c.logprobs)
+      if req.return_token_ids:
+        body['token_ids'] = c.new_ids() if stream else c.text.ids[:c.n]
+        if not (stream and c.prompt_ids_sent):
+          body['prompt_token_ids'] = c.prompt_ids
+          c.prompt_ids_sent = True
+      return body
+
+    if req.stream:
+      async def sse():
+        watcher = asyncio.ensure_future(gen.watch(request.receive))
+        try:
+          for c in gen.choices:
+            if c.echo:
+              yield _sse({**meta, 'object': 'text_completion',
+                          'choices': [choice_body(c, c.echo, None, c.echo_logprobs)]})
+          while gen.remaining:
+            c, delta, reason = await gen.next()
+            if reason is not None and reason.startswith('error'):
+              yield sse_error(reason)
+              continue
+            if delta or reason is not None or (req.logprobs is not None and c.logprobs):
+              yield _sse({**meta, 'object': 'text_completion',
+                          'choices': [choice_body(c, delta, reason, c.new_logprobs())]})
+          if req.stream_options and req.stream_options.include_usage:
+            yield _sse({**meta, 'object': 'text_completion', 'choices': [], 'usage': gen.usage()})
+          yield 'data: [DONE]\n\n'
+        finally:   # also when the client went away (the generator is closed)
+          watcher.cancel()
+          gen.cancel()
+          gen.record()
+      return StreamingResponse(sse(), media_type='text/event-stream', headers=headers(request, {
+          'Cache-Control': 'no-cache', 'X-Accel-Buffering': 'no'}))
+    await gen.run(request.receive)
+    finish_errors(gen, timeout)
+    choices = [choice_body(c, c.echo + c.text.text[:c.text.sent], c.reason)
+               for c in gen.choices]
+    return JSONResponse({**meta, 'object': 'text_completion', 'choices': choices,
+                         'usage': gen.usage()}, headers=headers(request))
+
+  # ---- chat --------------------------------------------------------------------------------------
+  def chat_logprobs(entries) -> dict:
+    def one(token, lp):
+      return {'token': token, 'logprob': lp, 'bytes': list(token.encode('utf-8'))}
+    return {'content': [{**one(e.token, e.logprob), 'top_logprobs': [one(t, v) for t, v in e.top]}
+                        for e in entries]}
+
+  @app.post(CHAT, openapi_extra=_body_schema(schemas.ChatCompletionRequest, body_models))
+  async def chat_completions(request: Request):
+    req = await parse(request, schemas.ChatCompletionRequest)
+    mv = lookup(request, req.model)
+    name = mv.name
+    try:
+      if req.max_tokens is not None and req.max_completion_tokens is not None:
+        raise ApiError(400, 'give max_tokens or max_completion_tokens, not both', 'max_tokens')
+      sp = sampling(req, mv, req.max_completion_tokens or req.max_tokens)
+      sp.logprobs = (req.top_logprobs or 0) if req.logprobs else None
+      messages = [{'role': m.role, 'content': m.text(), **({'name': m.name} if m.name else {})}
+                  for m in req.messages]
+
+      def prepare():
+        try:
+          text = mv.chat_template.render(messages, req.add_generation_prompt)
+        except ChatTemplateError as e:
+          raise ApiError(400, str(e), 'messages') from None
+        ids = encode(mv, text, add_eos=mv.cfg.is_encdec)
+        checked(mv, ids, sp)
+        return ids
+      ids = await run_in_threadpool(prepare)
+    except ApiError as e:
+      reject(name, 'bad_request', e)
+    timeout = timeout_of(req)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    gen = Generation(mv.engine, mv.tokenizer, lambda: metrics.timer(name, mv.version), stop=stop,
+                     logprobs=sp.logprobs)
+    for j in range(req.n):
+      gen.add(ids, _replace(sp, seed=None if req.seed is None else (req.seed + j) % 2 ** 63),
+              timeout, 0)
+    start(request, mv, gen, name)
+    meta = {'id': f'chatcmpl-{uuid.uuid4().hex}', 'created': int(time.time()), 'model': req.model}
+
+    def extras(c, stream):
+      out = {}
+      if req.return_token_ids:
+        out['token_ids'] = c.new_ids() if stream else c.text.ids[:c.n]
+      return out
+
+    if req.stream:
+      async def sse():
+        watcher = asyncio.ensure_future(gen.watch(request.receive))
+        chunk = {**meta, 'object': 'chat.completion.chunk'}
+        try:
+          for c in gen.choices:
+            yield _sse({**chunk, 'choices': [{'index': c.index, 'delta': {'role': 'assistant',
+                                                                          'content': ''},
+                                              'logprobs': None, 'finish_reason': None}]})
+          while gen.remaining:
+            c, delta, reason = await gen.next()
+            if reason is not None and reason.startswith('error'):
+              yield sse_error(reason)
+              continue
+            new = c.new_logprobs() if req.logprobs else []
+            if delta or reason is not None or new:
+              yield _sse({**chunk, 'choices': [{
+                  'index': c.index, 'delta': {'content': delta} if delta else {},
+                  'logprobs': chat_logprobs(new) if req.logprobs else None,
+                  'finish_reason': reason, **extras(c, True)}]})
+          if req.stream_options and req.stream_options.include_usage:
+            yield _sse({**chunk, 'choices': [], 'usage': gen.usage()})
+          yield 'data: [DONE]\n\n'
+        finally:
+          watcher.cancel()
+          gen.cancel()
+          gen.record()
+      return StreamingResponse(sse(), media_type='text/event-stream', headers=headers(request, {
+          'Cache-Control': 'no-cache', 'X-Accel-Buffering': 'no'}))
+    await gen.run(request.receive)
+    finish_errors(gen, timeout)
+    choices = [{'index': c.index,
+                'message': {'role': 'assistant', 'content': c.text.text[:c.text.sent]},
+                'logprobs': chat_logprobs(c.logprobs) if req.logprobs else None,
+                'finish_reason': c.reason, **extras(c, False)} for c in gen.choices]
+    return JSONResponse({**meta, 'object': 'chat.completion', 'choices': choices,
+                         'usage': gen.usage()}, headers=headers(request))
+
+  # ---- scoring and tokenizer ---------------------------------------------------------------------
+  @app.post('/v1/score', openapi_extra=_body_schema(schemas.ScoreRequest, body_models))
+  async def score(request: Request):
+    req = await parse(request, schemas.ScoreRequest)
+    mv = lookup(request, req.model)
+    add_eos = mv.cfg.is_encdec if req.add_eos is None else req.add_eos
+
+    def run():
+      inp = encode(mv, req.input, 'input', add_eos=mv.cfg.is_encdec)
+      out = []
+      for i, t in enumerate(req.targets):
+        ids = encode(mv, t, f'targets.{i}', add_eos=add_eos)
+        try:
+          lps = mv.engine.score(inp, ids)
+        except engine_lib.RequestTooLong as e:
+          raise ApiError(400, f'targets.{i}: {e}', f'targets.{i}', 'context_length_exceeded') \
+              from None
+        except ValueError as e:
+          raise ApiError(400, f'targets.{i}: {e}', f'targets.{i}') from None
+        item = {'index': i, 'object': 'score', 'logprob': float(sum(lps)), 'num_tokens': len(ids)}
+        if req.return_token_logprobs:
+          item.update(token_ids=ids, token_logprobs=[float(x) for x in lps])
+        out.append(item)
+      return inp, out
+    try:
+      inp, data = await run_in_threadpool(run)
+    except ApiError as e:
+      reject(mv.name, 'bad_request', e)
+    n = sum(d['num_tokens'] for d in data)
+    return JSONResponse({'object': 'list', 'model': req.model, 'data': data,
+                         'usage': {'prompt_tokens': len(inp) + n, 'total_tokens': len(inp) + n}},
+                        headers=headers(request))
+
+  @app.post('/tokenize', openapi_extra=_body_schema(schemas.TokenizeRequest, body_models))
+  async def tokenize(request: Request):
+    req = await parse(request, schemas.TokenizeRequest)
+    mv = lookup(request, req.model)
+    ids = await run_in_threadpool(encode, mv, req.prompt, 'prompt',
+                                  req.add_special_tokens and mv.cfg.is_encdec)
+    return JSONResponse({'tokens': ids, 'count': len(ids), 'max_model_len': mv.engine.max_prompt_len},
+                        headers=headers(request))
+
+  @app.post('/detokenize', openapi_extra=_body_schema(schemas.DetokenizeRequest, body_models))
+  async def detokenize(request: Request):
+    req = await parse(request, schemas.DetokenizeRequest)
+    mv = lookup(request, req.model)
+    try:
+      encode(mv, req.tokens, 'tokens')   # range check
+    except ApiError as e:
+      reject(mv.name, 'bad_request', e)
+    text = await run_in_threadpool(mv.tokenizer.decode, req.tokens)
+    return JSONResponse({'prompt': text}, headers=headers(request))
 
   # ---- models ------------------------------------------------------------------------------------
   def model_object(name: str) -> dict:
-    versions = registry.all_versions()
-    loaded = [m.loaded_at for m in versions if m.name == name and m.loaded_at]
+    loaded = [m.loaded_at for m in registry.all_versions() if m.name == name and m.loaded_at]
     return {'id': name, 'object': 'model', 'created': int(min(loaded) if loaded else 0),
             'owned_by': 't5like'}
 
+  def public_status(name: str) -> list[dict]:
+    out = registry.status(name)
+    for s in out:
+      s['status']['error_message'] = public(s['status']['error_message'])
+    return out
+
   @app.get('/v1/models')
-  @guarded
   async def list_models():
     names = sorted({m.name for m in registry.all_versions() if m.serving})
     return {'object': 'list', 'data': [model_object(n) for n in names]}
 
   @app.get('/v1/models/{name}')
-  @guarded
   async def get_model(name: str, request: Request):
     request.scope['t5like.model'] = name
     try:
-      status = registry.status(name)
+      status = public_status(name)
     except registry_lib.ModelNotFound as e:
       raise ApiError(404, str(e), 'model', 'model_not_found') from None
-    return {**model_object(name), 'model_version_status': status}
+    return {**model_object(name), 'ready': registry.model_ready(name)[0],
+            'model_version_status': status}
 
-  # ---- admin -------------------------------------------------------------------------------------
+  # ---- admin (authenticated; left out of /openapi.json) ------------------------------------------
   def check_admin(request: Request) -> None:
     if not admin_token:
       raise ApiError(403, 'admin endpoints are disabled: start the server with --admin_token or '
@@ -398,18 +613,11 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
 
   async def version_of(request: Request) -> int | None:
     body = await request.body()
-    if not body:
+    if not body.strip():
       return None
-    try:
-      data = json.loads(body)
-    except json.JSONDecodeError as e:
-      raise ApiError(400, f'the request body is not valid JSON: {e}') from None
-    if not isinstance(data, dict) or set(data) - {'version'}:
-      raise ApiError(400, 'the body may only hold {"version": <int>}')
-    v = data.get('version')
-    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-      raise ApiError(400, f'version must be a non-negative integer, got {v!r}', 'version')
-    return v
+    req, _ = await run_in_threadpool(schemas.parse_body, schemas.LoadRequest, body,
+                                     strict_fields=True)
+    return req.version
 
   async def admin(request: Request, name: str, fn):
     check_admin(request)
@@ -419,20 +627,22 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
       status = await run_in_threadpool(fn, name, version)
     except registry_lib.ModelNotFound as e:
       raise ApiError(404, str(e), 'model', 'model_not_found') from None
+    except registry_lib.LoadFailed as e:
+      status_code, code = {'incomplete': (409, 'bundle_incomplete'),
+                           'permission': (500, 'permission_denied'),
+                           'invalid': (422, 'invalid_bundle')}.get(e.kind, (500, 'load_failed'))
+      raise ApiError(status_code, str(e), 'version', code) from None
     return {'model': name, 'model_version_status': status}
 
-  @app.post('/admin/models/{name}/load')
-  @guarded
+  @app.post('/admin/models/{name}/load', include_in_schema=False)
   async def admin_load(name: str, request: Request):
     return await admin(request, name, registry.load)
 
-  @app.post('/admin/models/{name}/unload')
-  @guarded
+  @app.post('/admin/models/{name}/unload', include_in_schema=False)
   async def admin_unload(name: str, request: Request):
     return await admin(request, name, registry.unload)
 
-  @app.post('/admin/reload')
-  @guarded
+  @app.post('/admin/reload', include_in_schema=False)
   async def admin_reload(request: Request):
     check_admin(request)
     await run_in_threadpool(registry.reload)
@@ -444,110 +654,79 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
     return {'status': 'alive'}
 
   @app.get('/health/ready')
+  @app.get('/health')
   async def ready():
     ok, why = registry.ready()
-    return JSONResponse({'ready': ok, 'reason': why}, status_code=200 if ok else 503)
+    models = {n: {'ready': ok_n, 'reason': public(why_n)}
+              for n in registry.names() for ok_n, why_n in [registry.model_ready(n)]}
+    return JSONResponse({'ready': ok, 'reason': public(why), 'models': models},
+                        status_code=200 if ok else 503)
 
   @app.get('/metrics')
   async def prometheus():
-    return Response(metrics.render(), media_type='text/plain; version=0.0.4; charset=utf-8')
+    body = await run_in_threadpool(metrics.render)
+    return Response(body, media_type='text/plain; version=0.0.4; charset=utf-8')
 
+  def openapi():
+    if app.openapi_schema is None:
+      schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+      schema.setdefault('components', {}).setdefault('schemas', {}).update(body_models)
+      app.openapi_schema = schema
+    return app.openapi_schema
+  app.openapi = openapi
   return app
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-  return {'prompt_tokens': prompt_tokens, 'completion_tokens': completion_tokens,
-          'total_tokens': prompt_tokens + completion_tokens}
+# ---- helpers -------------------------------------------------------------------------------------
+
+def _body_schema(cls, defs: dict) -> dict:
+  extra = schemas.openapi_body(cls)
+  schema = extra['requestBody']['content']['application/json']['schema']
+  defs.update(schema.pop('$defs', {}))
+  defs[cls.__name__] = schema
+  extra['requestBody']['content']['application/json']['schema'] = {
+      '$ref': f'#/components/schemas/{cls.__name__}'}
+  return extra
 
 
-class _Generation:
-  """Consumes one request's engine events on the event loop."""
+_CHUNK_CHARS = 1 << 16
 
-  def __init__(self, req, engine, events: asyncio.Queue, text: TextTracker, timer,
-               prompt_ids=None):
-    self.req, self.engine, self.events, self.text, self.timer = req, engine, events, text, timer
-    self.prompt_ids = prompt_ids       # set when the request asked for return_token_ids
-    self._sent_ids = 0
-    self.n = 0
-    self.reason: str | None = None
-    self._recorded = False
 
-  async def next(self) -> tuple[str, str | None]:
-    """(text delta, finish reason or None) after the next engine event."""
-    while True:
-      kind, value = await self.events.get()
-      if kind == 'finish':
-        self.reason = 'stop' if self.text.stopped else value
-        return self.text.flush(), self.reason
-      if self.text.stopped:   # tokens that arrive after a stop string ended the text
-        continue
-      self.n += 1
-      delta = self.text.add(int(value))
-      if self.text.stopped:
-        self.engine.cancel(self.req)
-        # The engine's finish event (abort) follows; report the stop now.
-        self.reason = 'stop'
-        return delta, None
-      return delta, None
+def encode_text(tok, text: str, limit: int) -> list[int] | None:
+  """`tok.encode(text)`, or None once the text is certain to have more than `limit` tokens.
 
-  def token_fields(self, delta: bool = False) -> dict:
-    if self.prompt_ids is None:
-      return {}
-    ids = self.text.ids[:self.n]
-    if delta:
-      out, self._sent_ids = ids[self._sent_ids:], len(ids)
-      return {'token_ids': out, **({'prompt_token_ids': self.prompt_ids} if not
-                                   self._sent_ids - len(out) else {})}
-    return {'prompt_token_ids': self.prompt_ids, 'token_ids': ids}
+  A long text is first counted in whitespace-cut chunks, so a huge prompt is refused after a
+  bounded amount of work and no single call holds the GIL for long (building a list of millions
+  of ids would stall the event loop's thread)."""
+  if len(text) <= _CHUNK_CHARS:
+    return tok.encode(text)
+  count, start = 0, 0
+  while start < len(text):
+    end = min(len(text), start + _CHUNK_CHARS)
+    if end < len(text):
+      cut = text.rfind(' ', start, end)
+      end = cut if cut > start else end
+    count += len(tok.encode(text[start:end]))
+    if count > limit + 1:
+      return None
+    start = end
+  return tok.encode(text)
 
-  def record(self) -> None:
-    if not self._recorded:
-      self._recorded = True
-      self.timer.finish(self.req, self.reason or 'abort', self.n)
 
-  async def run(self, request: Request) -> tuple[str, str]:
-    parts = []
-    try:
-      while True:
-        try:
-          delta, reason = await asyncio.wait_for(self.next(), timeout=1.0)
-        except asyncio.TimeoutError:
-          if await request.is_disconnected():
-            self.engine.cancel(self.req)
-            self.reason = 'abort'
-            return ''.join(parts), 'abort'
-          continue
-        parts.append(delta)
-        if reason is not None:
-          return ''.join(parts), reason
-    finally:
-      self.record()
+def _replace(sp: engine_lib.SamplingParams, **kw) -> engine_lib.SamplingParams:
+  return dataclasses.replace(sp, **kw)
 
-  async def sse(self, meta: dict, prompt_tokens: int, include_usage: bool):
-    def chunk(text, reason, usage=None):
-      body = {**meta, 'object': 'text_completion',
-              'choices': [{'index': 0, 'text': text, 'logprobs': None, 'finish_reason': reason,
-                           **self.token_fields(delta=True)}]}
-      if usage is not None:
-        body.update(choices=[], usage=usage)
-      return f'data: {json.dumps(body)}\n\n'
-    try:
-      while True:
-        delta, reason = await self.next()
-        if reason is not None and reason.startswith('error'):
-          if delta:
-            yield chunk(delta, None)
-          err = {'error': {'message': f'generation failed: {reason}', 'type': 'server_error',
-                           'param': None, 'code': None}}
-          yield f'data: {json.dumps(err)}\n\n'
-          break
-        yield chunk(delta, reason)
-        if reason is not None:
-          break
-      if include_usage:
-        yield chunk('', None, _usage(prompt_tokens, self.n))
-      yield 'data: [DONE]\n\n'
-    finally:   # also on client disconnect (the generator is closed)
-      if self.reason is None:
-        self.engine.cancel(self.req)
-      self.record()
+
+def _sse(body: dict) -> str:
+  return f'data: {json.dumps(body)}\n\n'
+
+
+def _prompt_logprobs(mv, ids: list[int], top: int):
+  """Logprob entries of a decoder-only prompt (echo with logprobs): the first token has none."""
+  lps = mv.engine.score(ids[:1], ids[1:]) if len(ids) > 1 else []
+  text = mv.tokenizer.decode(ids[:1])
+  out = [TokenLogprob(text, None, [])]
+  for i, lp in enumerate(lps, start=1):
+    prev, text = text, mv.tokenizer.decode(ids[:i + 1])
+    out.append(TokenLogprob(text[len(prev):], float(lp), []))
+  return out

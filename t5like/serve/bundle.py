@@ -6,7 +6,12 @@ A bundle is one folder (TF Serving's layout puts it at `<base_path>/<name>/<vers
                        (float, bf16, int8 or packed-int4 uint8 leaves alike: quantised models too)
   config.json          the ModelConfig the params run under (quantisation fields included)
   tokenizer.model      the SentencePiece model (T5 layout, see t5like.data.tokenizer)
-  bundle.json          format version, parameter count and bytes, where it came from
+  bundle.json          format version, parameter count and bytes, where it came from, and the
+                       manifest: each file's size (written last; `check_complete` reads it)
+  chat_template.jinja  optional: the chat template (t5like.serve.chat)
+
+Files are written 0644 and the folder 0755 (less the umask), so a server running as another user
+can read them.
 
 `export_bundle(params, cfg, tokenizer, out_dir)` writes one atomically (a temporary sibling
 folder renamed into place), `export_from_checkpoint(workdir, out_dir)` restores the params of a
@@ -43,6 +48,15 @@ _SEP = '/'
 
 class BundleError(ValueError):
   """A bundle cannot be written or read; the message names the path and what is wrong."""
+
+
+class BundleIncomplete(BundleError):
+  """The folder is not (yet) a whole bundle: its manifest is missing or its files are not the
+  sizes the manifest lists, as while it is being copied."""
+
+
+class BundleUnreadable(BundleError):
+  """The server's user may not read the bundle's files (a permission problem, not a bad bundle)."""
 
 
 @dataclasses.dataclass
@@ -107,9 +121,12 @@ def export_bundle(params, cfg: ModelConfig, tokenizer: Tokenizer, out_dir: str, 
     meta = {'format_version': FORMAT_VERSION, 'created': time.time(), 'source': source,
             'param_count': int(sum(v.size for v in flat.values())),
             'param_bytes': int(sum(v.nbytes for v in flat.values())),
-            'weight_quant': cfg.weight_quant, 'tokenizer_vocab_size': tokenizer.vocab_size}
+            'weight_quant': cfg.weight_quant, 'tokenizer_vocab_size': tokenizer.vocab_size,
+            'files': {f: os.path.getsize(os.path.join(tmp, f))
+                      for f in (PARAMS_FILE, CONFIG_FILE, TOKENIZER_FILE)}}
     with open(os.path.join(tmp, META_FILE), 'w') as f:
       json.dump(meta, f, indent=2, sort_keys=True)
+    _make_readable(tmp)
     if os.path.exists(out_dir):
       shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -117,6 +134,47 @@ def export_bundle(params, cfg: ModelConfig, tokenizer: Tokenizer, out_dir: str, 
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out_dir
+
+
+def _make_readable(folder: str) -> None:
+  """Files 0644 and the folder 0755, less the umask (mkdtemp made the folder 0700)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(folder, 0o755 & ~umask)
+  for f in os.listdir(folder):
+    os.chmod(os.path.join(folder, f), 0o644 & ~umask)
+
+
+def check_complete(path: str) -> dict:
+  """The manifest of a whole bundle; BundleIncomplete while files are missing or still growing
+  (the manifest, bundle.json, is written last by `export_bundle`: copy it last, or copy the
+  folder under a hidden name and rename it). A manifest without sizes (older exports) only needs
+  the files to exist."""
+  meta_path = os.path.join(path, META_FILE)
+  if not os.path.isfile(meta_path):
+    raise BundleIncomplete(f'{path} has no {META_FILE} yet (a bundle still being copied, or not a '
+                           'bundle): it is loaded once complete')
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+  except PermissionError as e:
+    raise BundleUnreadable(f'{meta_path}: permission denied ({e.strerror}); the server\'s user needs '
+                      f'read access: chmod -R a+rX the bundle folder') from e
+  except (OSError, ValueError) as e:
+    raise BundleIncomplete(f'{meta_path} cannot be read yet ({e})') from None
+  if not isinstance(meta, dict):
+    raise BundleError(f'{meta_path} is not a JSON object')
+  files = meta.get('files') or {f: None for f in (PARAMS_FILE, CONFIG_FILE, TOKENIZER_FILE)}
+  if not isinstance(files, dict):
+    raise BundleError(f'{meta_path}: "files" must map file names to sizes')
+  for name, size in files.items():
+    f = os.path.join(path, str(name))
+    if not os.path.isfile(f):
+      raise BundleIncomplete(f'{path}: {name} is missing (manifest {META_FILE} lists it)')
+    if size is not None and os.path.getsize(f) != size:
+      raise BundleIncomplete(f'{path}: {name} has {os.path.getsize(f)} bytes, the manifest says '
+                             f'{size} (still being copied, or truncated: re-export it)')
+  return meta
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
@@ -175,18 +233,26 @@ def load_bundle(path: str) -> Bundle:
     if not os.path.isfile(os.path.join(path, f)):
       raise BundleError(f'{path} is not a model bundle: {f} is missing (export one with '
                         't5like.serve.bundle.export_bundle or `python -m t5like.serve.bundle`)')
+  for f in [path] + [os.path.join(path, f) for f in os.listdir(path)]:
+    if not os.access(f, os.R_OK | (os.X_OK if os.path.isdir(f) else 0)):
+      raise BundleUnreadable(f'{f}: permission denied (mode {oct(os.stat(f).st_mode & 0o777)}); the '
+                        'server\'s user needs read access: chmod -R a+rX the bundle folder')
   try:
     with open(os.path.join(path, CONFIG_FILE)) as f:
       cfg = from_dict(ModelConfig, json.load(f), prefix='model')
-  except (json.JSONDecodeError, ConfigError) as e:
+  except (ValueError, TypeError, AttributeError, ConfigError) as e:   # bad JSON, types, values
     raise BundleError(f'{path}/{CONFIG_FILE} is not a valid model config: {e}') from None
   meta = {}
   if os.path.isfile(os.path.join(path, META_FILE)):
-    with open(os.path.join(path, META_FILE)) as f:
-      meta = json.load(f)
-    if meta.get('format_version', FORMAT_VERSION) > FORMAT_VERSION:
-      raise BundleError(f'{path} has bundle format {meta["format_version"]}; this t5like reads '
-                        f'up to {FORMAT_VERSION}: upgrade t5like')
+    try:
+      with open(os.path.join(path, META_FILE)) as f:
+        meta = json.load(f)
+      version = meta.get('format_version', FORMAT_VERSION)
+    except (ValueError, AttributeError) as e:
+      raise BundleError(f'{path}/{META_FILE} is not a JSON object ({e})') from None
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+      raise BundleError(f'{path} has bundle format {version!r}; this t5like reads formats up to '
+                        f'{FORMAT_VERSION}: upgrade t5like or re-export the bundle')
   try:
     flat = load_file(os.path.join(path, PARAMS_FILE))
   except Exception as e:
@@ -195,8 +261,8 @@ def load_bundle(path: str) -> Bundle:
   _check_params(flat, cfg, where=f'params in {path}')
   try:
     tok = Tokenizer.from_file(os.path.join(path, TOKENIZER_FILE))
-  except TokenizerError as e:
-    raise BundleError(f'{path}: {e}') from None
+  except (TokenizerError, ValueError, RuntimeError, OSError) as e:
+    raise BundleError(f'{path}: broken tokenizer: {e}') from None
   if tok.vocab_size > cfg.vocab_size:
     raise BundleError(f'{path}: tokenizer has {tok.vocab_size} ids, more than the model\'s '
                       f'vocab_size {cfg.vocab_size}')

@@ -9,8 +9,17 @@ compiled, engine thread started) before unwanted ones are unloaded (UNLOADING: t
 its in-flight requests, up to `drain_timeout_s`, then frees its device memory -> END), so a version
 switch never leaves the model without an AVAILABLE version. Admin calls `load(name, version)` pin a
 version (kept whatever the policy) and `unload(name, version)` exclude it (until loaded again).
-Requests go to the highest AVAILABLE version unless they name one. A failed load ends in END with
-its error message (the status of GET /v1/models/{name}); it never affects the other versions.
+Requests go to the highest AVAILABLE version unless they name one.
+
+A failed load never takes down what is serving: the failed version ends in END with its error
+(the status of GET /v1/models/{name}, the `model_load_failures` metric), and versions the policy
+would have replaced keep serving until a wanted version is AVAILABLE. A folder that failed is not
+retried until its files change (or an admin load asks for it). A folder still being copied (its
+`bundle.json` manifest missing, or files not yet the sizes it lists: t5like.serve.bundle) is
+reported as incomplete and loaded once complete.
+
+Readiness: the models found at the first `reload()` (or named by `model_names`) are the start-up
+models; the registry is ready when each has an AVAILABLE, warmed-up version with a live engine.
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ import jax
 
 from t5like.infer.engine import Engine
 from t5like.serve import bundle as bundle_lib
+from t5like.serve.chat import ChatTemplate, ChatTemplateError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +50,25 @@ class ModelNotFound(LookupError):
 
 class ModelUnavailable(RuntimeError):
   """The model exists but has no AVAILABLE version right now (loading, unloading, failed)."""
+
+
+class LoadFailed(RuntimeError):
+  """A version asked for by an admin call did not load; `kind` is 'incomplete' (still being
+  copied), 'invalid' (a bad bundle), 'permission' (unreadable files) or 'error'."""
+
+  def __init__(self, message: str, kind: str):
+    super().__init__(message)
+    self.kind = kind
+
+
+def failure_kind(e: BaseException) -> str:
+  if isinstance(e, bundle_lib.BundleIncomplete):
+    return 'incomplete'
+  if isinstance(e, (PermissionError, bundle_lib.BundleUnreadable)):
+    return 'permission'
+  if isinstance(e, (bundle_lib.BundleError, ChatTemplateError)):
+    return 'invalid'
+  return 'error'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +101,9 @@ class ModelVersion:
   path: str
   state: str = START
   error: str = ''
+  error_kind: str = ''
   engine: Engine | None = None
+  chat_template: ChatTemplate | None = None
   tokenizer: Any = None
   cfg: Any = None
   meta: dict = dataclasses.field(default_factory=dict)
@@ -86,8 +117,8 @@ class ModelVersion:
   def info(self) -> dict:
     cfg, e = self.cfg, self.engine
     if cfg is None:
-      return {'path': self.path}
-    return {'path': self.path, 'arch': cfg.arch, 'variant': cfg.name, 'weight_quant': cfg.weight_quant,
+      return {}
+    return {'arch': cfg.arch, 'variant': cfg.name, 'weight_quant': cfg.weight_quant,
             'activation_quant': cfg.activation_quant, 'vocab_size': cfg.vocab_size,
             'd_model': cfg.d_model, 'num_decoder_layers': cfg.num_decoder_layers,
             'num_slots': e.num_slots if e else '', 'max_prompt_tokens': e.max_prompt_len if e else '',
@@ -116,6 +147,10 @@ class ModelRegistry:
     self.shutting_down = False
     self._poller: threading.Thread | None = None
     self._stop_poll = threading.Event()
+    self._failed: dict[tuple[str, int], tuple] = {}    # (name, version) -> folder signature
+    self.startup_models: tuple[str, ...] | None = None  # set by the first reload()
+    self.load_failure_hooks: list = []                  # fn(name, kind), e.g. a metric
+    self._unloaded: set[str] = set()                    # models an admin unloaded whole
 
   # ---- disk --------------------------------------------------------------------------------------
   def scan(self) -> dict[str, list[int]]:
@@ -138,8 +173,30 @@ class ModelRegistry:
   # ---- policy ------------------------------------------------------------------------------------
   def reload(self) -> None:
     """Applies the version policy (plus pins and exclusions) to what is on disk now."""
-    for name, versions in self.scan().items():
-      self._apply(name, versions)
+    on_disk = self.scan()
+    first = self.startup_models is None
+    if first:
+      with self._lock:
+        self._startup_pending = tuple(sorted(set(on_disk) | set(self.model_names)))
+    try:
+      for name, versions in on_disk.items():
+        self._apply(name, versions)
+    finally:
+      if first:
+        self.startup_models = self._startup_pending
+
+  def is_model(self, name: str) -> bool:
+    """Whether `name` is a model this registry knows (found on disk and tried)."""
+    with self._lock:
+      return name in self._versions
+
+  def _signature(self, name: str, version: int) -> tuple:
+    folder = os.path.join(self.base_path, name, str(version))
+    try:
+      return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
+                          for e in os.scandir(folder)))
+    except OSError:
+      return ()
 
   def _apply(self, name: str, on_disk: Sequence[int]) -> None:
     with self._model_lock(name):
@@ -151,10 +208,15 @@ class ModelRegistry:
         want = (self.policy.select(on_disk) | pinned) - (excluded - pinned)
         have = {v for v, mv in self._versions.get(name, {}).items() if mv.state in (LOADING, AVAILABLE)}
       for v in sorted(want - have, reverse=True):   # newest first: it takes over the traffic
+        if self._failed.get((name, v)) == self._signature(name, v):
+          continue   # failed before and unchanged on disk: not retried on every poll
         self._load_version(name, v)
       with self._lock:
-        drop = {v for v, mv in self._versions.get(name, {}).items()
-                if mv.state == AVAILABLE and v not in want}
+        versions = self._versions.get(name, {})
+        # Until every wanted version is AVAILABLE, the ones it would replace keep serving.
+        if any(versions.get(v) is None or versions[v].state != AVAILABLE for v in want):
+          return
+        drop = {v for v, mv in versions.items() if mv.state == AVAILABLE and v not in want}
       for v in sorted(drop):
         self._unload_version(name, v)
 
@@ -171,10 +233,24 @@ class ModelRegistry:
       with self._lock:
         self._pinned.setdefault(name, set()).add(version)
         self._excluded.setdefault(name, set()).discard(version)
+      asked = {version}
     else:
       with self._lock:
         self._excluded.pop(name, None)
+        self._unloaded.discard(name)
+      asked = self.policy.select(on_disk[name])
+    for v in asked:   # an explicit load retries a version that failed before
+      self._failed.pop((name, v), None)
     self._apply(name, on_disk[name])
+    with self._lock:
+      failed = [self._versions[name][v] for v in sorted(asked)
+                if v in self._versions.get(name, {}) and self._versions[name][v].error
+                and self._versions[name][v].state in (START, END)]
+    if failed:
+      mv = failed[-1]
+      serving = [m.version for m in self._serving(name)]
+      raise LoadFailed(f'version {mv.version} of model {name!r} did not load: {mv.error} '
+                       f'(serving: {serving or "nothing"})', mv.error_kind)
     return self.status(name)
 
   def unload(self, name: str, version: int | None = None) -> list[dict]:
@@ -188,6 +264,8 @@ class ModelRegistry:
     with self._model_lock(name):
       targets = [version] if version is not None else sorted(known)
       with self._lock:
+        if version is None:
+          self._unloaded.add(name)
         for v in targets:
           self._pinned.get(name, set()).discard(v)
           self._excluded.setdefault(name, set()).add(v)
@@ -202,8 +280,11 @@ class ModelRegistry:
     with self._lock:
       self._versions.setdefault(name, {})[version] = mv
     t0 = time.monotonic()
+    signature = self._signature(name, version)
     try:
+      bundle_lib.check_complete(path)
       b = bundle_lib.load_bundle(path)
+      template = ChatTemplate.for_bundle(path)
       params = jax.device_put(b.params, jax.devices()[0])
       mv.param_bytes = int(sum(x.nbytes for x in jax.tree.leaves(params)))
       del b.params
@@ -211,17 +292,22 @@ class ModelRegistry:
       del params
       engine.start()   # warm-up: every prefill bucket, insert and generate shape compiled here
       mv.cfg, mv.tokenizer, mv.meta, mv.engine = b.cfg, b.tokenizer, b.meta, engine
+      mv.chat_template = template
       mv.loaded_at = time.time()
       mv.state = AVAILABLE
       log.info('model %s version %d AVAILABLE (%s, %.1f MB params, loaded in %.1fs)', name,
                version, b.cfg.name, mv.param_bytes / 1e6, time.monotonic() - t0)
     except Exception as e:   # a bad bundle fails its own version only
       mv.error = f'{type(e).__name__}: {e}'
-      mv.state = END
+      mv.error_kind = failure_kind(e)
+      mv.state = START if mv.error_kind == 'incomplete' else END   # START: waits for the copy
       if mv.engine is not None:
         mv.engine.close()
         mv.engine = None
+      self._failed[(name, version)] = signature
       log.error('model %s version %d failed to load: %s', name, version, mv.error)
+      for hook in self.load_failure_hooks:
+        hook(name, mv.error_kind)
 
   def _unload_version(self, name: str, version: int) -> None:
     with self._lock:
@@ -299,15 +385,33 @@ class ModelRegistry:
                   'engine': stats, 'param_bytes': m.param_bytes})
     return out
 
+  def model_ready(self, name: str) -> tuple[bool, str]:
+    """(ready, why) of one model: a version AVAILABLE, warmed up, its engine thread alive."""
+    with self._lock:
+      versions = dict(self._versions.get(name, {}))
+    ok = [v for v, m in versions.items() if m.serving and m.engine.ready]
+    if ok:
+      return True, f'version(s) {sorted(ok)} AVAILABLE'
+    states = {v: m.state + (f' ({m.error})' if m.error else '') for v, m in versions.items()}
+    return False, f'no AVAILABLE version (versions: {states or "none loaded yet"})'
+
   def ready(self) -> tuple[bool, str]:
-    """(ready, why): a model AVAILABLE, warmed up, its engine thread alive, not shutting down."""
+    """(ready, why): not shutting down, the initial load done, and every start-up model ready."""
     if self.shutting_down:
       return False, 'shutting down'
-    ok = [m for m in self.all_versions() if m.serving and m.engine.ready]
-    if ok:
-      return True, f'{len(ok)} model version(s) AVAILABLE'
-    states = {f'{m.name}:{m.version}': m.state for m in self.all_versions()}
-    return False, f'no model version is AVAILABLE (versions: {states or "none loaded"})'
+    if self.startup_models is None:
+      return False, 'the initial load has not finished'
+    if not self.startup_models:
+      return False, 'no models were found under the base path at start-up'
+    with self._lock:   # a model an admin unloaded on purpose is no longer required
+      required = [n for n in self.startup_models if n not in self._unloaded]
+    states = {n: self.model_ready(n) for n in set(required) | set(self.names())}
+    not_ready = {n: states[n][1] for n in required if not states[n][0]}
+    if not_ready:
+      return False, f'model(s) not ready: {not_ready}'
+    if not any(ok for ok, _ in states.values()):
+      return False, 'no model is AVAILABLE (all unloaded)'
+    return True, f'{sum(ok for ok, _ in states.values())} model(s) ready'
 
   # ---- life cycle --------------------------------------------------------------------------------
   def start_polling(self, every_s: float) -> None:

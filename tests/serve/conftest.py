@@ -5,22 +5,41 @@ import time
 
 import httpx
 import jax
+import numpy as np
 import pytest
 
+from random_weights import random_params
 from t5like.config import get_variant
 from t5like.data import corpus
 from t5like.data import tokenizer as tokenizer_lib
-from t5like.models import init_params
+from t5like.infer import decode
 from t5like.serve import bundle
+from t5like.serve.app import create_app
+from t5like.serve.registry import ModelRegistry
 
 ENGINE_KW = dict(num_slots=4, prompt_buckets=(16, 32), max_new_tokens=24, max_queue=6)
 ADMIN_TOKEN = 'test-admin-token'
-_init = jax.jit(init_params, static_argnums=0)
+MAX_BODY = 8 << 20
+# Prompts whose greedy continuations differ (asserted in `base_path`): a slot mix-up or a wrong
+# cross-attention row shows up as a wrong token.
+PROMPTS = [[5, 6, 7, 1], [9, 3, 4, 10, 11, 1], [100, 200, 1], [42, 43, 44, 45, 1]]
 
 
 def tiny_params(name='t5_tiny', seed=0):
+  """Random weights (not init's: a fresh tiny T5 greedy-decodes the same token for every
+  prompt) under which different prompts have different greedy outputs."""
   cfg = get_variant(name)
-  return jax.device_get(_init(cfg, jax.random.key(seed))), cfg
+  return jax.device_get(random_params(cfg, seed=seed, embed_std=0.3, std=0.2)), cfg
+
+
+def assert_outputs_differ(params, cfg, n=6):
+  prompts = np.zeros((len(PROMPTS), 8), np.int32)
+  for i, p in enumerate(PROMPTS):
+    p = p if cfg.is_encdec else p[:-1]
+    prompts[i, :len(p)] = p
+  toks = np.asarray(decode.greedy(params, cfg, prompts, n).tokens)
+  assert len({tuple(t) for t in toks}) == len(PROMPTS), toks
+  return toks
 
 
 @pytest.fixture(scope='session')
@@ -37,6 +56,7 @@ def base_path(tmp_path_factory, serve_tokenizer):
   for name, variant, version, seed in (('tiny', 't5_tiny', 1, 0), ('tiny', 't5_tiny', 2, 1),
                                        ('dec', 'decoder_tiny', 1, 2)):
     params, cfg = tiny_params(variant, seed)
+    assert_outputs_differ(params, cfg)
     bundle.export_bundle(params, cfg, serve_tokenizer, str(root / name / str(version)))
   return root
 
@@ -84,11 +104,10 @@ def wait_until(fn, timeout=120.0, every=0.05):
 @pytest.fixture(scope='module')
 def live(base_path):
   """A server over `base_path` with the latest-1 policy (tiny:2 and dec:1 AVAILABLE)."""
-  from t5like.serve.app import create_app
-  from t5like.serve.registry import ModelRegistry
   registry = ModelRegistry(str(base_path), engine_kwargs=ENGINE_KW, drain_timeout_s=5.0)
   registry.reload()
-  app = create_app(registry, admin_token=ADMIN_TOKEN, request_timeout_s=60.0)
+  app = create_app(registry, admin_token=ADMIN_TOKEN, request_timeout_s=60.0,
+                   max_body_bytes=MAX_BODY)
   with ServerThread(app) as srv:
     srv.registry = registry
     srv.client = httpx.Client(base_url=srv.url, timeout=60)

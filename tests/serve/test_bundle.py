@@ -14,7 +14,7 @@ from t5like.config import TrainConfig, get_variant, to_dict
 from t5like.compress.quantize import quantize_params
 from t5like.infer.engine import Request, SamplingParams
 from t5like.serve import bundle
-from t5like.serve.registry import AVAILABLE, END, ModelRegistry
+from t5like.serve.registry import AVAILABLE, START, ModelRegistry
 from t5like.train.checkpoint import Checkpointer
 from t5like.train.state import TrainState
 from tests.serve.conftest import ENGINE_KW, tiny_params
@@ -86,10 +86,10 @@ def test_bad_bundles(tmp_path, base_path, serve_tokenizer):
   params, cfg = tiny_params('t5_tiny', 0)
   with pytest.raises(bundle.BundleError, match='missing'):
     bundle.export_bundle({'decoder': params['decoder']}, cfg, serve_tokenizer, str(tmp_path / 'y'))
-  # A failed version ends in END with its error; it does not stop the registry.
+  # A failed version keeps its error (START: waiting for a whole copy); the registry carries on.
   registry = ModelRegistry(str(tmp_path / 'm'), engine_kwargs=ENGINE_KW)
   registry.reload()
-  st = registry.status('bad')
-  assert st[0]['state'] == END and 'BundleError' in st[0]['status']['error_message']
+  st = registry.status('bad')   # version 2: its config no longer matches the manifest's size
+  assert st[0]['state'] == START and 'BundleIncomplete' in st[0]['status']['error_message']
   assert not registry.ready()[0]
   registry.close()

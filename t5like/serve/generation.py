@@ -1,0 +1,198 @@
+"""One HTTP request's generations on the event loop: n choices x prompts, text, stop strings,
+logprobs, disconnects.
+
+The engine thread reports each request's tokens through `on_event`; `Generation` turns them into
+text deltas per choice (holding back what could still become a stop string), collects logprobs
+when asked, and cancels every engine request of a client that went away (a watcher task waits for
+the ASGI `http.disconnect`), so its slots are freed within one decode step.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from t5like.infer import engine as engine_lib
+from t5like.serve.metrics import RequestTimer
+
+
+class TextTracker:
+  """Turns tokens into text deltas; holds back what could still become a stop string."""
+
+  def __init__(self, tokenizer, stop: list[str]):
+    self.tok, self.stop = tokenizer, stop
+    self.hold = max((len(s) for s in stop), default=1) - 1
+    self.ids: list[int] = []
+    self.sent = 0
+    self.text = ''
+    self.piece = ''          # the text the last token added (its logprob entry's "token")
+    self.stopped = False
+
+  def add(self, token_id: int) -> str:
+    """Appends a token; returns the new text that is safe to send."""
+    self.ids.append(token_id)
+    prev, self.text = self.text, self.tok.decode(self.ids)
+    self.piece = self.text[len(prev):] if self.text.startswith(prev) else self.tok.decode([token_id])
+    for s in self.stop:
+      i = self.text.find(s, max(0, self.sent - len(s)))
+      if i >= 0:
+        self.text, self.stopped = self.text[:i], True
+    if self.stopped:
+      return self.flush()
+    end = len(self.text) - self.hold
+    while end > self.sent and self.text[end - 1] == '\ufffd':   # an incomplete UTF-8 sequence
+      end -= 1
+    return self._take(end)
+
+  def flush(self) -> str:
+    return self._take(len(self.text))
+
+  def _take(self, end: int) -> str:
+    if end <= self.sent:
+      return ''
+    out, self.sent = self.text[self.sent:end], end
+    return out
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+  token: str
+  logprob: float
+  top: list[tuple[str, float]]     # the most likely tokens at this step, best first
+
+
+@dataclasses.dataclass
+class Choice:
+  index: int
+  req: engine_lib.Request
+  text: TextTracker
+  timer: RequestTimer
+  prompt_ids: list[int]
+  prompt_index: int
+  n: int = 0                                   # tokens that made it into the text
+  reason: str | None = None
+  logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+  echo: str = ''                               # prompt text to put in front (echo=true)
+  echo_logprobs: list[TokenLogprob | None] = dataclasses.field(default_factory=list)
+  _sent_ids: int = 0
+  _sent_logprobs: int = 0
+  prompt_ids_sent: bool = False
+
+  @property
+  def done(self) -> bool:
+    return self.reason is not None
+
+  def new_ids(self) -> list[int]:
+    ids = self.text.ids[self._sent_ids:self.n]
+    self._sent_ids = self.n
+    return ids
+
+  def new_logprobs(self) -> list[TokenLogprob]:
+    out = self.logprobs[self._sent_logprobs:]
+    self._sent_logprobs = len(self.logprobs)
+    return out
+
+
+class Generation:
+  """The engine requests of one HTTP request (each prompt x n choices) as one event stream."""
+
+  def __init__(self, engine, tokenizer, timer_factory, *, stop: list[str], logprobs: int | None):
+    self.engine, self.tok, self.timer_factory = engine, tokenizer, timer_factory
+    self.stop, self.logprobs = stop, logprobs
+    self.loop = asyncio.get_running_loop()
+    self.events: asyncio.Queue = asyncio.Queue()
+    self.choices: list[Choice] = []
+    self.disconnected = False
+
+  def add(self, prompt_ids: list[int], params: engine_lib.SamplingParams, timeout_s,
+          prompt_index: int) -> Choice:
+    index = len(self.choices)
+    timer = self.timer_factory()
+
+    def on_event(kind, value):   # engine thread
+      if kind == 'token':
+        timer.token()
+      self.loop.call_soon_threadsafe(self.events.put_nowait, (index, kind, value))
+
+    req = engine_lib.Request(prompt_ids, params, on_event, timeout_s=timeout_s)
+    c = Choice(index, req, TextTracker(self.tok, self.stop), timer, prompt_ids, prompt_index)
+    self.choices.append(c)
+    return c
+
+  def submit(self) -> None:
+    """Submits every choice; if one is refused (queue full, shutting down) the others are
+    cancelled and the error propagates."""
+    done = []
+    try:
+      for c in self.choices:
+        self.engine.submit(c.req)
+        done.append(c)
+    except Exception:
+      for c in done:
+        self.engine.cancel(c.req)
+      raise
+
+  def cancel(self) -> None:
+    for c in self.choices:
+      if not c.done:
+        self.engine.cancel(c.req)
+
+  @property
+  def remaining(self) -> int:
+    return sum(not c.done for c in self.choices)
+
+  def _logprob_entry(self, c: Choice) -> None:
+    if self.logprobs is None or len(c.req.logprobs) < c.n:
+      return
+    entries = c.req.logprobs
+    lp, top_ids, top_lps = entries[c.n - 1]
+    top = [(self.tok.decode([t]), float(v)) for t, v in zip(top_ids[:self.logprobs], top_lps)]
+    c.logprobs.append(TokenLogprob(c.text.piece, float(lp), top))
+
+  async def next(self) -> tuple[Choice, str, str | None]:
+    """(choice, text delta, finish reason or None) after the next event that matters."""
+    while True:
+      index, kind, value = await self.events.get()
+      c = self.choices[index]
+      if c.done:      # the engine's finish after a stop string (or a cancel) already reported
+        continue
+      if kind == 'finish':
+        c.reason = 'stop' if c.text.stopped else str(value)
+        return c, c.text.flush(), c.reason
+      c.n += 1
+      delta = c.text.add(int(value))
+      self._logprob_entry(c)
+      if c.text.stopped:
+        self.engine.cancel(c.req)
+        c.reason = 'stop'
+        return c, delta, 'stop'
+      return c, delta, None
+
+  async def watch(self, receive) -> None:
+    """Cancels every engine request once the client disconnects."""
+    while True:
+      msg = await receive()
+      if msg['type'] == 'http.disconnect':
+        self.disconnected = True
+        self.cancel()
+        return
+
+  def record(self) -> None:
+    for c in self.choices:
+      c.timer.finish(c.req, c.reason or 'abort', c.n)
+
+  async def run(self, receive) -> None:
+    """Consumes every choice to its end (non-streaming)."""
+    watcher = asyncio.ensure_future(self.watch(receive))
+    try:
+      while self.remaining:
+        await self.next()
+    finally:
+      watcher.cancel()
+      self.cancel()
+      self.record()
+
+  def usage(self) -> dict[str, Any]:
+    prompts = {c.prompt_index: len(c.prompt_ids) for c in self.choices}
+    p, g = sum(prompts.values()), sum(c.n for c in self.choices)
+    return {'prompt_tokens': p, 'completion_tokens': g, 'total_tokens': p + g}
