@@ -72,11 +72,14 @@ def main(argv):
     sys.exit(1)
   workdir = _WORKDIR.value or os.path.join('runs', config_name(flags.FLAGS['config'].serialize()
                                                                .partition('=')[2] or DEFAULT_CONFIG))
+  writer = jax.process_index() == 0   # one process of a multi-process job prints progress
   try:
-    summary = loop.train(cfg, workdir)
+    summary = loop.train(cfg, workdir, print_fn=print if writer else lambda line: None)
   except _USER_ERRORS as e:  # bad config, data or checkpoint: one clear line, exit status 1
     print(f'error: {type(e).__name__}: {e}', file=sys.stderr)
     sys.exit(1)
+  if not writer:
+    return
   print()
   for prompt, text in summary.get('samples', []):
     print(f'  prompt: {prompt}\n  model:  {text}\n')
