@@ -34,6 +34,8 @@ setup(
                 'onnx>=1.23,<1.24', 'onnxruntime>=1.32,<1.33'],
         # ONNX export (python -m t5like.infer.onnx); onnxruntime for --int8 and t5like.ort.
         'onnx': ['onnx>=1.23,<1.24', 'onnxruntime>=1.32,<1.33'],
+        # Workdirs and corpora on Google Cloud Storage (gs://) through etils.epath's fsspec backend.
+        'cloud': ['gcsfs>=2024.6'],
         'parity': ['torch==2.13.0', 'transformers>=5,<6'],
         'serve': ['fastapi>=0.115,<1', 'uvicorn>=0.30,<1', 'prometheus_client>=0.21,<1',
                   'httpx>=0.28,<1', 'openai>=1.50,<4', 'flatbuffers>=24,<26'],

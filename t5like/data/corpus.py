@@ -124,20 +124,80 @@ def load_documents(corpus: str, *, text_field: str = 'text',
   return docs
 
 
+def validation_names(names: Sequence[str], validation_fraction: float, seed: int = 0) -> set[str]:
+  """The names that go to validation: the split rule on names alone, so a corpus too large to
+  hold can be split before its texts are read (scripts/preprocess_corpus.py)."""
+  if not 0.0 < validation_fraction < 1.0:
+    raise CorpusError(f'data.validation_fraction must be in (0, 1), got {validation_fraction}')
+  if len(names) < 2:
+    raise CorpusError(f'the corpus has {len(names)} document(s); a train/validation split by '
+                      'document needs at least 2 (add files or use a .txt/.jsonl with more text)')
+  ranked = sorted(names, key=lambda n: (stable_hash(f'{seed}:{n}'), n))
+  n_val = min(max(1, round(validation_fraction * len(names))), len(names) - 1)
+  return set(ranked[:n_val])
+
+
 def split_documents(docs: Sequence[Document], validation_fraction: float,
                     seed: int = 0) -> tuple[list[Document], list[Document]]:
   """(train, validation), split by document through the stable hash of each name."""
-  if not 0.0 < validation_fraction < 1.0:
-    raise CorpusError(f'data.validation_fraction must be in (0, 1), got {validation_fraction}')
-  if len(docs) < 2:
-    raise CorpusError(f'the corpus has {len(docs)} document(s); a train/validation split by '
-                      'document needs at least 2 (add files or use a .txt/.jsonl with more text)')
-  ranked = sorted(docs, key=lambda d: (stable_hash(f'{seed}:{d.name}'), d.name))
-  n_val = min(max(1, round(validation_fraction * len(docs))), len(docs) - 1)
-  val_names = {d.name for d in ranked[:n_val]}
+  val_names = validation_names([d.name for d in docs], validation_fraction, seed)
   train = [d for d in docs if d.name not in val_names]
   val = [d for d in docs if d.name in val_names]
   return train, val
+
+
+def stream_documents(corpus: str, *, text_field: str = 'text',
+                     on_bad_file: str = 'error') -> tuple[list[str], Iterable[Document]]:
+  """(document names, an iterator reading one document at a time) of a corpus folder, a .jsonl
+  file or 'shakespeare': for corpora too large to hold. Other corpora (one .txt file) are read
+  whole. The names come first, so the split can be decided before any text is read."""
+  if corpus != 'shakespeare' and os.path.isdir(corpus):
+    files = []
+    for root, dirs, names in os.walk(corpus):
+      dirs.sort()
+      files.extend(os.path.join(root, f) for f in sorted(names) if f.endswith('.txt'))
+    if not files:
+      raise CorpusError(f'corpus folder {corpus} has no .txt files')
+
+    def folder_docs():
+      for path in files:
+        try:
+          text = _read_text(path)
+          if not text.strip():
+            raise CorpusError(f'corpus file {path} is empty; remove it or set '
+                              "data.on_bad_file='skip'")
+        except CorpusError as e:
+          if on_bad_file == 'error':
+            raise
+          log.warning('skipping bad corpus file: %s', e)
+          continue
+        yield Document(os.path.relpath(path, corpus), text)
+    return [os.path.relpath(p, corpus) for p in files], folder_docs()
+  if corpus.endswith('.jsonl') and os.path.isfile(corpus):
+    base = os.path.basename(corpus)
+    with open(corpus, 'rb') as f:
+      names = [f'{base}:{i}' for i, line in enumerate(f, start=1) if line.strip()]
+
+    def jsonl_docs():
+      with open(corpus, 'rb') as f:
+        for lineno, raw in enumerate(f, start=1):
+          if not raw.strip():
+            continue
+          try:
+            record = json.loads(_decode(raw, f'{corpus}:{lineno}'))
+            text = record[text_field] if isinstance(record, dict) else None
+            if not isinstance(text, str) or not text.strip():
+              raise CorpusError(f'{corpus}:{lineno} has no text in field {text_field!r}')
+          except (json.JSONDecodeError, CorpusError) as e:
+            if on_bad_file == 'error':
+              raise CorpusError(f"{corpus}:{lineno}: {e}; fix the line or set "
+                                "data.on_bad_file='skip'") from None
+            log.warning('skipping bad JSONL line: %s', e)
+            continue
+          yield Document(f'{base}:{lineno}', text)
+    return names, jsonl_docs()
+  docs = load_documents(corpus, text_field=text_field, on_bad_file=on_bad_file)
+  return [d.name for d in docs], iter(docs)
 
 
 def corpus_fingerprint(docs: Iterable[Document]) -> str:

@@ -52,9 +52,12 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from t5like import paths
+
 from t5like.data import augment as augment_lib
 from t5like.data import corpus as corpus_lib
 from t5like.data import objectives
+from t5like.data import records as records_lib
 from t5like.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
@@ -353,7 +356,11 @@ def to_global_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
 
 
 def load_splits(data_cfg) -> tuple[list[corpus_lib.Document], list[corpus_lib.Document]]:
-  """(train, validation) documents of `data_cfg.corpus`."""
+  """(train, validation) documents of `data_cfg.corpus`; for a records folder (t5like.data.records)
+  no training documents (they are token records) and the validation documents it keeps."""
+  if records_lib.is_records(data_cfg.corpus):
+    path = str(paths.resolve(data_cfg.corpus) / records_lib.VALIDATION_DOCS)
+    return [], corpus_lib.load_documents(path, text_field='text')
   docs = corpus_lib.load_documents(data_cfg.corpus, text_field=data_cfg.text_field,
                                    on_bad_file=data_cfg.on_bad_file)
   return corpus_lib.split_documents(docs, data_cfg.validation_fraction, data_cfg.split_seed)
@@ -365,6 +372,9 @@ def make_datasets(data_cfg, model_arch: str, workdir: str, *, seed: int = 0,
                              tokenizer_lib.Tokenizer]:
   """(train_iter, eval_batches factory, tokenizer); see the module docstring."""
   lengths = sequence_lengths(data_cfg, model_arch)
+  if records_lib.is_records(data_cfg.corpus):
+    return _records_datasets(data_cfg, model_arch, lengths, seed=seed, process_index=process_index,
+                             process_count=process_count)
   train_docs, val_docs = load_splits(data_cfg)
   tok = tokenizer_lib.load_or_train(train_docs, workdir, tokenizer_path=data_cfg.tokenizer,
                                     vocab_size=data_cfg.vocab_size,
@@ -383,3 +393,24 @@ def make_datasets(data_cfg, model_arch: str, workdir: str, *, seed: int = 0,
   train_iter = make_train_iterator(train_chunks, data_cfg, model_arch, tok, **kw)
   eval_batches = make_eval_batches(val_chunks, data_cfg, model_arch, tok, **kw)
   return train_iter, eval_batches, tok
+
+
+def _records_datasets(data_cfg, model_arch, lengths, *, seed, process_index, process_count):
+  """make_datasets over a folder of preprocessed chunks (t5like.data.records): the training chunks
+  are read record by record (only this process's rows' records), never all at once."""
+  folder = paths.resolve(data_cfg.corpus)
+  meta = records_lib.read_meta(data_cfg.corpus)
+  chunk_length = objectives.chunk_length(data_cfg.objective, model_arch, lengths,
+                                         data_cfg.noise_density, data_cfg.mean_noise_span_length)
+  if meta['chunk_length'] != chunk_length:
+    raise PipelineError(f'records folder {data_cfg.corpus} holds chunks of {meta["chunk_length"]} '
+                        f'tokens, but this run (objective {data_cfg.objective!r}, lengths '
+                        f'{lengths}) needs {chunk_length}; preprocess it again with this config')
+  tok = tokenizer_lib.Tokenizer.from_file(
+      data_cfg.tokenizer or paths.as_str(folder / records_lib.TOKENIZER_FILE))
+  train_chunks = records_lib.ChunkRecords(paths.as_str(folder / records_lib.TRAIN_FILE))
+  val = records_lib.ChunkRecords(paths.as_str(folder / records_lib.VALIDATION_FILE))
+  val_chunks = [val[i] for i in range(len(val))]   # the validation split is small
+  kw = dict(seed=seed, process_index=process_index, process_count=process_count)
+  return (make_train_iterator(train_chunks, data_cfg, model_arch, tok, **kw),
+          make_eval_batches(val_chunks, data_cfg, model_arch, tok, **kw), tok)
