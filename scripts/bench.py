@@ -129,11 +129,13 @@ def main(argv=None):
   p.set_defaults(fn=bench_train)
   import bench_attention
   import bench_decode
+  import bench_onnx
   import bench_prune
   import bench_quant
   p = sub.add_parser('decode', help='greedy decoding new tokens/s at batch 1 and 8')
   bench_decode.add_args(p)
-  p.set_defaults(fn=bench_decode.run)
+  bench_onnx.add_args(p)
+  p.set_defaults(fn=lambda a: (bench_onnx.run if a.compare_onnxruntime else bench_decode.run)(a))
   p = sub.add_parser('attention', help='CPU attention kernels against XLA (prefill, step)')
   bench_attention.add_args(p)
   p.set_defaults(fn=bench_attention.run)
