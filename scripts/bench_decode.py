@@ -1,19 +1,22 @@
 """Decoding benchmark: greedy t5_small (random f32 weights), 128 input tokens, exactly 64 new.
 
-  python scripts/bench.py decode [--runs=5] [--compare_torch]
+  python scripts/bench.py decode [--runs=5] [--compare_torch] [--out=results.json]
 
 Prints one JSON object: new tokens/s at batch 1 and 8 (median of `runs` after a warm-up), compile
 time, and the batch-1 memory-bandwidth use: decoder + output weight bytes read per token x tokens/s,
 over the fastest rate at which a matrix-vector product streams a matrix of that size in the same
 run (XLA's dot, or the CPU decoding kernel; the bound for batch-1 decoding here). The parameters
-are put in the decoding layout once (`decode.prepare_params`, as a server does at load;
-`prepare_s`: per-layer weights, packed for the CPU kernel when `cpu_kernel`);
-`b1_unprepared_new_tokens_per_s` is batch 1 from the training layout (XLA's dots).
+are put in the decode backend's layout once (`decode.prepare_params`, as a server does at load;
+`prepare_s`: per-layer weights, packed for the CPU kernel when `cpu_kernel`; `decode_backend`
+says which backend 'auto' chose, t5like/infer/backend.py); `b1_unprepared_new_tokens_per_s` is
+batch 1 from the training layout (XLA's dots). `load_avg` is the host's 1-minute load average
+before and after the run (other work on the machine).
 `--compare_torch` also times transformers' PyTorch T5 on the same config in the same run, its
 calls alternating with ours, so the ratios come from one run and one state of the host.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -22,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5like.config import get_variant
-from t5like.infer import decode
+from t5like.infer import backend as backend_lib, decode
 from t5like.kernels import cpu_matmul
 from t5like.models import init_params
 
@@ -34,6 +37,7 @@ def add_args(parser):
   parser.add_argument('--batches', default='1,8')
   parser.add_argument('--runs', type=int, default=5)
   parser.add_argument('--compare_torch', action='store_true')
+  parser.add_argument('--out', default='', help='also write the JSON record to this file')
 
 
 def measure_stream_bandwidth(nbytes: int, runs: int = 10) -> dict:
@@ -120,7 +124,8 @@ def run(args) -> dict:
   params = init_params(cfg, jax.random.key(0))
   result = {'benchmark': 'decode', 'variant': args.variant, 'input_len': args.input_len,
             'new_tokens': args.new_tokens, 'runs': args.runs, 'backend': jax.default_backend(),
-            'compile_s': {}}
+            'decode_backend': backend_lib.get_backend('auto', cfg).name, 'compile_s': {},
+            'load_avg': [round(os.getloadavg()[0], 2)]}
   t = time.perf_counter()
   prepared = jax.block_until_ready(decode.prepare_params(cfg, params))
   result['prepare_s'] = round(time.perf_counter() - t, 3)
@@ -150,6 +155,7 @@ def run(args) -> dict:
   result['bandwidth_bound_b1_tokens_per_s'] = round(bandwidth / weight_bytes, 2)
   if 'b1_new_tokens_per_s' in result:
     result['b1_bandwidth_use'] = round(result['b1_new_tokens_per_s'] * weight_bytes / bandwidth, 3)
+  result['load_avg'].append(round(os.getloadavg()[0], 2))
   return result
 
 
@@ -158,7 +164,12 @@ def main(argv=None):
   import json
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   add_args(parser)
-  print(json.dumps(run(parser.parse_args(argv))))
+  args = parser.parse_args(argv)
+  record = run(args)
+  print(json.dumps(record))
+  if args.out:
+    with open(args.out, 'w') as f:
+      f.write(json.dumps(record, indent=1, sort_keys=True) + '\n')
 
 
 if __name__ == '__main__':

@@ -24,11 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5like.config import ModelConfig
-from t5like.infer import decode
-from t5like.infer.decode import prompt_lengths
-from t5like.kernels import cpu_matmul
-from t5like.models import build_model, init_cache
-from t5like.models.transformer import unroll_for_decoding
+from t5like.infer import backend as backend_lib, sampling
+from t5like.models import init_cache
 
 
 class EngineError(RuntimeError):
@@ -88,67 +85,27 @@ def _insert_row(slot_tree, row_tree, slot):
   return jax.tree.map(put, slot_tree, row_tree)
 
 
-def sample_rows(logits_RV, temperature_R, top_k_R, top_p_R, keys_R):
-  """Per-row temperature / top-k / top-p sampling; rows with temperature <= 0 are greedy."""
-  greedy_R = decode.argmax(logits_RV)
-
-  def draw(_):
-    V = logits_RV.shape[-1]
-    scaled = logits_RV / jnp.maximum(temperature_R, 1e-6)[:, None]
-    sorted_RV = jnp.sort(scaled, axis=-1)[:, ::-1]
-    probs_RV = jax.nn.softmax(sorted_RV, axis=-1)
-    rank_V = jnp.arange(V)
-    k_R = jnp.where(top_k_R > 0, top_k_R, V)
-    keep_RV = (rank_V[None] < k_R[:, None]) & ((jnp.cumsum(probs_RV, -1) - probs_RV) < top_p_R[:, None])
-    cutoff_R1 = jnp.min(jnp.where(keep_RV, sorted_RV, jnp.inf), axis=-1, keepdims=True)
-    filtered = jnp.where(scaled < cutoff_R1, -jnp.inf, scaled)
-    drawn = jax.vmap(jax.random.categorical)(keys_R, filtered).astype(jnp.int32)
-    return jnp.where(temperature_R <= 0, greedy_R, drawn)
-
-  return jax.lax.cond(jnp.all(temperature_R <= 0), lambda _: greedy_R, draw, None)
-
-
-@functools.partial(jax.jit, static_argnames=('cfg', 'max_prompt_len', 'max_new_tokens'))
+@functools.partial(jax.jit, static_argnames=('cfg', 'max_prompt_len', 'max_new_tokens', 'backend'))
 def _prefill(params, tokens_1P, temperature, top_k, top_p, key, *, cfg: ModelConfig,
-             max_prompt_len: int, max_new_tokens: int):
+             max_prompt_len: int, max_new_tokens: int, backend: backend_lib.XlaBackend):
   """One request alone: its cache row and its first sampled token."""
-  with cpu_matmul.enabled():   # few-row projections by packed weights (decode.prepare_params)
-    return _prefill_row(params, tokens_1P, temperature, top_k, top_p, key, cfg, max_prompt_len,
-                        max_new_tokens)
-
-
-def _prefill_row(params, tokens_1P, temperature, top_k, top_p, key, cfg, max_prompt_len,
-                 max_new_tokens):
-  model = build_model(cfg)
-  if cfg.is_encdec:
-    row = init_cache(cfg, 1, max_new_tokens + 1, tokens_1P.shape[1])
-    row = model.apply({'params': params}, tokens_1P, row, method='prefill')
-    start = jnp.full((1, 1), cfg.decoder_start_id, jnp.int32)
-    logits, row = model.apply({'params': params}, start, row, method='decode_step')
-    logits_V = logits[0, 0]
-  else:
-    length = prompt_lengths(tokens_1P)
-    row = init_cache(cfg, 1, max_prompt_len + max_new_tokens + 1)
-    logits, row = model.apply({'params': params}, tokens_1P, row, method='decode_step')
-    logits_V = logits[0, length[0] - 1]
-    row = dict(row, index=length)
-  tok = sample_rows(logits_V[None], temperature[None], top_k[None], top_p[None], key[None])
+  cache_len = max_new_tokens + 1 + (0 if cfg.is_encdec else max_prompt_len)
+  row, logits_1V = backend.prefill(params, cfg, tokens_1P, cache_len)
+  tok = sampling.sample(logits_1V, key[None], temperature, top_k, top_p)
   return row, tok[0]
 
 
 _insert = jax.jit(_insert_row, donate_argnums=(0,))
 
 
-@functools.partial(jax.jit, static_argnames=('cfg',), donate_argnums=(1,))
+@functools.partial(jax.jit, static_argnames=('cfg', 'backend'), donate_argnums=(1,))
 def _generate(params, cache, tokens_R, temp_R, top_k_R, top_p_R, keys_R2, pos_R, active_R, *,
-              cfg: ModelConfig):
+              cfg: ModelConfig, backend: backend_lib.XlaBackend):
   """One token for every slot row; idle rows are computed but their cache index stays."""
-  with cpu_matmul.enabled():
-    logits, new_cache = build_model(cfg).apply({'params': params}, tokens_R[:, None], cache,
-                                               method='decode_step')
+  logits_RV, new_cache = backend.step(params, cfg, tokens_R, cache)
   new_cache['index'] = jnp.where(active_R, new_cache['index'], cache['index'])
   keys = jax.vmap(jax.random.fold_in)(keys_R2, pos_R)
-  return sample_rows(logits[:, 0], temp_R, top_k_R, top_p_R, keys), new_cache
+  return sampling.sample(logits_RV, keys, temp_R, top_k_R, top_p_R), new_cache
 
 
 class Engine:
@@ -156,12 +113,14 @@ class Engine:
 
   def __init__(self, params, cfg: ModelConfig, *, num_slots: int = 8,
                prompt_buckets: Sequence[int] = (32, 64, 128, 256), max_new_tokens: int = 128,
-               max_queue: int = 64, name: str = 'model'):
+               max_queue: int = 64, name: str = 'model', backend: str = 'auto'):
     if num_slots <= 0 or max_new_tokens <= 0 or max_queue <= 0:
       raise ValueError('num_slots, max_new_tokens and max_queue must be positive')
-    # The decoding layout (per-layer decoder weights and K/V lists): a decode step then reads
-    # each weight once, where stacked weights are sliced (copied) on every call.
-    self.cfg, self.params, self.name = cfg, decode.prepare_params(cfg, params), name
+    # The backend's decoding layout (per-layer decoder weights and K/V lists; on CPU, packed
+    # weights): a decode step then reads each weight once, where stacked weights are sliced
+    # (copied) on every call.
+    self.backend = backend_lib.get_backend(backend, cfg)
+    self.cfg, self.params, self.name = cfg, self.backend.prepare(cfg, params), name
     self.num_slots, self.max_new_tokens = num_slots, max_new_tokens
     self.buckets = tuple(sorted(prompt_buckets))
     self.max_prompt_len = self.buckets[-1]
@@ -180,7 +139,7 @@ class Engine:
       cache = init_cache(cfg, num_slots, max_new_tokens + 1, self.max_prompt_len)
     else:
       cache = init_cache(cfg, num_slots, self.max_prompt_len + max_new_tokens + 1)
-    self._cache = unroll_for_decoding(cfg, self.params, cache)[1]
+    self._cache = self.backend.decoding_cache(cache)
     self._cache_len = int(cache['self_v'].shape[3])
     R = num_slots
     self._tokens = np.zeros((R,), np.int32)
@@ -192,9 +151,9 @@ class Engine:
     # Module-level jitted functions with static shapes: engines of the same config and sizes (two
     # versions of one model, a reloaded version) share their compiled executables.
     self._prefill = functools.partial(_prefill, cfg=cfg, max_prompt_len=self.max_prompt_len,
-                                      max_new_tokens=max_new_tokens)
+                                      max_new_tokens=max_new_tokens, backend=self.backend)
     self._insert = _insert
-    self._generate = functools.partial(_generate, cfg=cfg)
+    self._generate = functools.partial(_generate, cfg=cfg, backend=self.backend)
 
   # ---- host side -------------------------------------------------------------------------------
   def bucket_for(self, length: int) -> int:

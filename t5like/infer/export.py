@@ -12,7 +12,8 @@ with its calling convention (jax.export's versioned format): a process that load
 not t5like or the model code. `platforms` defaults to the current backend; pass e.g.
 ('cpu', 'cuda') for a multi-platform artefact.
 
-CLI: `python -m t5like.infer.export --bundle=models/tiny/1 --out=step.jaxexp --batch=8`.
+CLI for a served bundle: `python scripts/export_decode_step.py --bundle=models/tiny/1
+--out=step.jaxexp --batch=8`.
 """
 from __future__ import annotations
 
@@ -65,26 +66,3 @@ def save(exported: jax.export.Exported, path: str) -> None:
 def load(path: str) -> jax.export.Exported:
   with open(path, 'rb') as f:
     return jax.export.deserialize(bytearray(f.read()))
-
-
-def main(argv=None) -> None:
-  import argparse
-  from t5like.serve.bundle import load_bundle
-  p = argparse.ArgumentParser(description='Export the decode step of a bundle with jax.export.')
-  p.add_argument('--bundle', required=True)
-  p.add_argument('--out', required=True)
-  p.add_argument('--batch', type=int, default=8)
-  p.add_argument('--max_decode_len', type=int, default=129)
-  p.add_argument('--encoder_len', type=int, default=256)
-  p.add_argument('--platforms', default='', help='comma-separated, e.g. cpu,cuda (default: this one)')
-  a = p.parse_args(argv)
-  b = load_bundle(a.bundle)
-  exp = export_decode_step(b.cfg, batch=a.batch, max_decode_len=a.max_decode_len,
-                           encoder_len=a.encoder_len if b.cfg.is_encdec else 0, params=b.params,
-                           platforms=tuple(a.platforms.split(',')) if a.platforms else None)
-  save(exp, a.out)
-  print(f'{a.out}: platforms {exp.platforms}, {len(exp.in_avals)} inputs')
-
-
-if __name__ == '__main__':
-  main()

@@ -3,13 +3,13 @@
 A decoding step multiplies a few rows (one token per sequence) by every weight of the decoder.
 That streams the weights, and XLA:CPU's dot streams a row-major [K, N] weight at a fraction of the
 memory bandwidth once there is more than one row. `pack` stores a weight as contiguous panels
-[N / 32, K, 32], in a `PackedKernel` of the same shape (so a Flax module takes it as its
-parameter); `models.layers` then multiplies by it with the kernel here while `enabled()` (at trace
-time, around a decoding step) and the rows number at most MAX_ROWS, and unpacks it for XLA
-otherwise, so a packed weight is never misread.
+[N / 32, K, 32], in a `PackedKernel` of the same shape (so it sits in a parameter tree where the
+weight was); the CPU decode backend (t5like/infer/backend.py) multiplies by it with the kernel
+here when the rows number at most MAX_ROWS, and unpacks it for XLA otherwise, so a packed weight
+is never misread.
 
-Where the kernels cannot be built (t5like/kernels/library.py), `available()` is False and
-`decode.prepare_params` packs nothing.
+Where the kernels cannot be built (t5like/kernels/library.py), `available()` is False and the
+backend packs nothing.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5like.kernels import library
-from t5like.kernels.library import available, enabled, unavailable_reason  # noqa: F401
+from t5like.kernels.library import available, unavailable_reason, usable  # noqa: F401
 
 MAX_ROWS = 32
 PANEL = 32
@@ -111,10 +111,10 @@ def packable(w) -> bool:
 
 def wanted(x: jax.Array, w) -> bool:
   """Whether `matmul(x, w)` applies here (at trace time): w packed, x float32 with at most
-  MAX_ROWS rows, inside `enabled()`, no mesh in context."""
+  MAX_ROWS rows, no mesh in context, kernels built (`library.usable`)."""
   if not isinstance(w, PackedKernel) or x.dtype != jnp.float32:
     return False
-  return int(np.prod(x.shape[:-1])) <= MAX_ROWS and library.active()
+  return int(np.prod(x.shape[:-1])) <= MAX_ROWS and library.usable()
 
 
 def matmul(x: jax.Array, w: PackedKernel) -> jax.Array:

@@ -6,8 +6,8 @@ step's keys and values into a self-attention cache in place (no separate scatter
 as one strided write per key element) and reads only the positions up to each row's own.
 `attend_prefill(q_BTNH, k_BSNH, v_BSNH, bias_BNTS)` is the same for every query of a prefill (an
 encoder, a prompt) in the training layouts; XLA:CPU runs that attention at a few GFLOP/s.
-`wanted(...)` and `wanted_prefill(...)` say whether a model's attention call may use them here:
-float32, one query (or several), inside `library.enabled()`.
+`wanted(...)` and `wanted_prefill(...)` say whether an attention call may use them here (at trace
+time): float32, one query (or several), `library.usable()`.
 """
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ _PREFILL_TARGET = 't5like_prefill_attention'
 
 def wanted(q_BTNH, keys, values) -> bool:
   return (q_BTNH.shape[1] == 1 and all(a.dtype == jnp.float32 for a in (q_BTNH, keys, values))
-          and library.active())
+          and library.usable())
 
 
 def wanted_prefill(q_BTNH, k_BSNH, v_BSNH) -> bool:
   return (q_BTNH.ndim == 4 and q_BTNH.shape[1] > 1
-          and all(a.dtype == jnp.float32 for a in (q_BTNH, k_BSNH, v_BSNH)) and library.active())
+          and all(a.dtype == jnp.float32 for a in (q_BTNH, k_BSNH, v_BSNH)) and library.usable())
 
 
 def _check(name, q_BNH, keys_BNHS, values_BNSH):

@@ -5,13 +5,11 @@ use and cached (T5LIKE_KERNEL_CACHE, default ~/.cache/t5like/kernels), keyed by 
 jaxlib, compiler, flags and CPU. Where that fails, or T5LIKE_CPU_KERNELS=0, `available()` is False
 with a warning naming why, and callers keep XLA's own ops.
 
-`enabled()` (at trace time, around the model code of a decoding step) is where models may call
-the kernels; outside it they never do.
+Nothing here decides where the kernels run: the CPU decode backend (t5like/infer/backend.py)
+attaches them to a decoding step, and `usable()` says whether they can run in the current trace.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
 import hashlib
 import logging
@@ -30,7 +28,6 @@ HEADERS = ('parallel_for.h', 'vector_math.h')
 TARGETS = ('t5like_matmul_packed', 't5like_decode_attention', 't5like_decode_attention_cached',
            't5like_prefill_attention', 't5like_greedy_pick')
 _state: dict = {}
-_enabled = contextvars.ContextVar('t5like_cpu_kernels', default=False)
 
 
 def _cpu_flags() -> str:
@@ -100,19 +97,9 @@ def unavailable_reason() -> str | None:
   return None if available() else _state.get('why')
 
 
-@contextlib.contextmanager
-def enabled(on: bool = True):
-  """Within this block (at trace time), model code may call the kernels (see `active`)."""
-  token = _enabled.set(on)
-  try:
-    yield
-  finally:
-    _enabled.reset(token)
-
-
-def active() -> bool:
-  """Inside `enabled()`, with no mesh in context (the custom calls have no sharding rule), on a
-  CPU backend, and the library built."""
-  if not _enabled.get() or not jax.sharding.get_abstract_mesh().empty:
+def usable() -> bool:
+  """Whether a trace here may call the kernels: no mesh in context (the custom calls have no
+  sharding rule), a CPU backend, and the library built (built on first call, CPU only)."""
+  if not jax.sharding.get_abstract_mesh().empty or jax.default_backend() != 'cpu':
     return False
-  return jax.default_backend() == 'cpu' and available()
+  return available()

@@ -1,9 +1,9 @@
 """Greedy token choice on CPU through XLA FFI (see token_pick.cc).
 
 `greedy(logits_BV)` -> (token [B] int32, log-probability [B] float32): the first index of each
-row's maximum (0 for a row holding NaN, as `t5like.infer.decode.argmax`) and its log-softmax
-value, in one pass for the maximum and one for the normaliser. `wanted(logits)` says whether a
-decoding loop may use it here: float32 [B, V], inside `library.enabled()`.
+row's maximum (0 for a row holding NaN, as `t5like.infer.sampling.argmax`) and its log-softmax
+value, in one pass for the maximum and one for the normaliser. `wanted(logits)` says whether it
+may be used here (at trace time): float32 [B, V], `library.usable()`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ _TARGET = 't5like_greedy_pick'
 
 
 def wanted(logits_BV) -> bool:
-  return logits_BV.ndim == 2 and logits_BV.dtype == jnp.float32 and library.active()
+  return logits_BV.ndim == 2 and logits_BV.dtype == jnp.float32 and library.usable()
 
 
 def greedy(logits_BV):

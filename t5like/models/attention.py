@@ -18,9 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from t5like.config import ModelConfig
-from t5like.kernels import decode_attention
-from t5like.models.layers import (Einsum, constrain, fused_packed_projections, normal_init,
-                                  policy_of)
+from t5like.models.layers import constrain, einsum_class, normal_init, policy_of
 
 NEG_INF = -1e10  # large but finite, so fully masked rows stay NaN-free
 
@@ -105,85 +103,91 @@ def write_cache(cache, new_BTNH, index_B, *, keys: bool):
 
 
 class Attention(nn.Module):
-  """Multi-head attention. Self-attention when `kv_BSD is None`, else cross-attention."""
+  """Multi-head attention: `__call__` (self- or cross-attention over a sequence), `step` (self-
+  attention of new positions appended to a KV cache), `cross_step` (over precomputed K/V).
+
+  `qkv`, `attend`, `attend_cached` and `attend_cache` are the parts a decode backend may replace
+  (t5like/infer/backend.py); each takes and returns arrays only.
+  """
   cfg: ModelConfig
 
   def setup(self):
     cfg = self.cfg
     D, N, H = cfg.d_model, cfg.num_heads, cfg.head_dim
-    qkv = lambda name, std: Einsum(cfg, 'BTD,DNH->BTNH', (D, N, H), ('embed', 'heads', 'kv'), std,
-                                   name=name)
-    self.query = qkv('query', (D * H) ** -0.5)
-    self.key = qkv('key', D ** -0.5)
-    self.value = qkv('value', D ** -0.5)
-    self.out = Einsum(cfg, 'BTNH,NHD->BTD', (N, H, D), ('heads', 'kv', 'embed'), (N * H) ** -0.5,
-                      contract_dims=2, name='out')
+    proj = einsum_class(cfg)
+    qkv = lambda std: proj(cfg, 'BTD,DNH->BTNH', (D, N, H), ('embed', 'heads', 'kv'), std)
+    self.query = qkv((D * H) ** -0.5)
+    self.key = qkv(D ** -0.5)
+    self.value = qkv(D ** -0.5)
+    self.out = proj(cfg, 'BTNH,NHD->BTD', (N, H, D), ('heads', 'kv', 'embed'), (N * H) ** -0.5,
+                    contract_dims=2)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
-  def project_kv(self, kv_BSD):
-    return self.key(kv_BSD), self.value(kv_BSD)
+  def qkv(self, x_BTD):
+    """Queries, keys and values [B, T, N, H] of x (self-attention)."""
+    return self.query(x_BTD), self.key(x_BTD), self.value(x_BTD)
 
   def project_kv_cache(self, kv_BSD):
     """Keys [B, N, H, S] and values [B, N, S, H], the cache layouts."""
-    k_BSNH, v_BSNH = self.project_kv(kv_BSD)
-    return keys_to_cache(k_BSNH), values_to_cache(v_BSNH)
+    return keys_to_cache(self.key(kv_BSD)), values_to_cache(self.value(kv_BSD))
 
-  def __call__(self, x_BTD, bias_BNTS, deterministic: bool, *, kv_BSD=None, kv=None,
-               rope_q_pos=None, rope_k_pos=None, cache=None, cache_index_B=None):
-    """Attention output [B, T, D] and the updated (k, v) cache (None without a cache).
-
-    kv: precomputed (k_BNHS, v_BNSH) for cross-attention; cache: (k_BNHS, v_BNSH) buffers that
-    this call's keys and values are written into at `cache_index_B` before attending.
-    """
-    cfg = self.cfg
-    policy = policy_of(cfg)
-    fused = None if kv is not None or kv_BSD is not None else fused_packed_projections(
-        self, ('query', 'key', 'value'), x_BTD)   # a CPU decoding step: one call for q, k, v
-    if fused:
-      q_BTNH, k, v = fused
+  def __call__(self, x_BTD, bias_BNTS, deterministic: bool, *, kv_BSD=None, rope_q_pos=None,
+               rope_k_pos=None):
+    """Output [B, T, D]: self-attention, or cross-attention to `kv_BSD`."""
+    if kv_BSD is None:
+      q_BTNH, k_BSNH, v_BSNH = self.qkv(x_BTD)
     else:
-      q_BTNH = self.query(x_BTD)
-    if kv is not None:
-      k, v = kv
-    elif not fused:
-      k, v = self.project_kv(x_BTD if kv_BSD is None else kv_BSD)
+      q_BTNH, k_BSNH, v_BSNH = self.query(x_BTD), self.key(kv_BSD), self.value(kv_BSD)
     if rope_q_pos is not None:
-      q_BTNH = rope(q_BTNH, rope_q_pos, cfg.rope_max_wavelength)
-      k = rope(k, rope_k_pos, cfg.rope_max_wavelength)
-    new_cache = None
-    if (cache is not None and decode_attention.wanted(q_BTNH, *cache) and k.dtype == jnp.float32
-        and (deterministic or not cfg.dropout_rate)):
-      # A decoding step on CPU: cache write and attention in one pass (t5like/kernels).
-      ctx_BNH, *new_cache = decode_attention.attend_cached(
-          q_BTNH[:, 0], k[:, 0], v[:, 0], cache[0], cache[1], bias_BNTS[:, :, 0], cache_index_B)
-      return self.out(ctx_BNH[:, None].astype(policy.compute_dtype)), tuple(new_cache)
-    if cache is not None:
-      k = write_cache(cache[0], k, cache_index_B, keys=True)
-      v = write_cache(cache[1], v, cache_index_B, keys=False)
-      # One updated buffer for both the attention and the returned cache: without the barrier XLA
-      # duplicates the update into each consumer and copies the cache to do so.
-      k, v = jax.lax.optimization_barrier((k, v))
-      new_cache = (k, v)
-    cached = kv is not None or cache is not None
-    k_spec, v_spec = ('BNHS', 'BNSH') if cached else ('BSNH', 'BSNH')
+      q_BTNH = rope(q_BTNH, rope_q_pos, self.cfg.rope_max_wavelength)
+      k_BSNH = rope(k_BSNH, rope_k_pos, self.cfg.rope_max_wavelength)
+    return self.out(self.attend(q_BTNH, k_BSNH, v_BSNH, bias_BNTS, deterministic))
+
+  def step(self, x_BTD, bias_BNTS, cache, index_B, rope_q_pos=None, rope_k_pos=None):
+    """Self-attention of T new positions per row, written into `cache` = (keys [B, N, H, S],
+    values [B, N, S, H]) at each row's `index_B` first: (output [B, T, D], updated cache)."""
+    q_BTNH, k_BTNH, v_BTNH = self.qkv(x_BTD)
+    if rope_q_pos is not None:
+      q_BTNH = rope(q_BTNH, rope_q_pos, self.cfg.rope_max_wavelength)
+      k_BTNH = rope(k_BTNH, rope_k_pos, self.cfg.rope_max_wavelength)
+    ctx_BTNH, k, v = self.attend_cached(q_BTNH, k_BTNH, v_BTNH, cache[0], cache[1], index_B,
+                                        bias_BNTS)
+    return self.out(ctx_BTNH.astype(policy_of(self.cfg).compute_dtype)), (k, v)
+
+  def cross_step(self, x_BTD, bias_BNTS, kv):
+    """Attention of x to precomputed `kv` = (keys [B, N, H, S], values [B, N, S, H])."""
+    ctx_BTNH = self.attend_cache(self.query(x_BTD), kv[0], kv[1], bias_BNTS)
+    return self.out(ctx_BTNH.astype(policy_of(self.cfg).compute_dtype))
+
+  def attend(self, q_BTNH, k_BSNH, v_BSNH, bias_BNTS, deterministic: bool):
+    """softmax(q k + bias) v -> context [B, T, N, H]."""
     q_BTNH = constrain(q_BTNH, ('batch', 'length', 'heads', 'kv'))
-    k = constrain(k, tuple(_AXES[c] for c in k_spec))
-    if cached and decode_attention.wanted(q_BTNH, k, v) and (deterministic or
-                                                             not cfg.dropout_rate):
-      # A decoding step on CPU: one fused pass per (row, head) (t5like/kernels).
-      ctx_BNH = decode_attention.attend(q_BTNH[:, 0], k, v, bias_BNTS[:, :, 0])
-      return self.out(ctx_BNH[:, None].astype(policy.compute_dtype)), new_cache
-    if (not cached and decode_attention.wanted_prefill(q_BTNH, k, v)
-        and (deterministic or not cfg.dropout_rate)):
-      # A prefill (an encoder) on CPU: K/V streamed once per four queries (t5like/kernels).
-      ctx_BTNH = decode_attention.attend_prefill(q_BTNH, k, v, bias_BNTS)
-      return self.out(ctx_BTNH.astype(policy.compute_dtype)), new_cache
-    logits_BNTS = jnp.einsum(f'BTNH,{k_spec}->BNTS', q_BTNH, k.astype(q_BTNH.dtype),
+    k_BSNH = constrain(k_BSNH, ('batch', 'length', 'heads', 'kv'))
+    logits_BNTS = jnp.einsum('BTNH,BSNH->BNTS', q_BTNH, k_BSNH.astype(q_BTNH.dtype),
                              preferred_element_type=jnp.float32)
-    probs_BNTS = jax.nn.softmax(logits_BNTS + bias_BNTS, axis=-1).astype(policy.compute_dtype)
+    probs_BNTS = self._probs(logits_BNTS, bias_BNTS)
     probs_BNTS = self.dropout(probs_BNTS, deterministic=deterministic)
-    ctx_BTNH = jnp.einsum(f'BNTS,{v_spec}->BTNH', probs_BNTS, v.astype(probs_BNTS.dtype))
-    return self.out(ctx_BTNH), new_cache
+    return jnp.einsum('BNTS,BSNH->BTNH', probs_BNTS, v_BSNH.astype(probs_BNTS.dtype))
 
+  def attend_cached(self, q_BTNH, k_BTNH, v_BTNH, keys_BNHS, values_BNSH, index_B, bias_BNTS):
+    """Writes the new keys and values into the cache at each row's index, then attends over it:
+    (context [B, T, N, H], keys, values)."""
+    keys_BNHS = write_cache(keys_BNHS, k_BTNH, index_B, keys=True)
+    values_BNSH = write_cache(values_BNSH, v_BTNH, index_B, keys=False)
+    # One updated buffer for both the attention and the returned cache: without the barrier XLA
+    # duplicates the update into each consumer and copies the cache to do so.
+    keys_BNHS, values_BNSH = jax.lax.optimization_barrier((keys_BNHS, values_BNSH))
+    return self.attend_cache(q_BTNH, keys_BNHS, values_BNSH, bias_BNTS), keys_BNHS, values_BNSH
 
-_AXES = {'B': 'batch', 'N': 'heads', 'S': 'length', 'H': 'kv'}
+  def attend_cache(self, q_BTNH, keys_BNHS, values_BNSH, bias_BNTS):
+    """Context [B, T, N, H] of queries over cache-layout keys and values."""
+    q_BTNH = constrain(q_BTNH, ('batch', 'length', 'heads', 'kv'))
+    keys_BNHS = constrain(keys_BNHS, ('batch', 'heads', 'kv', 'length'))
+    logits_BNTS = jnp.einsum('BTNH,BNHS->BNTS', q_BTNH, keys_BNHS.astype(q_BTNH.dtype),
+                             preferred_element_type=jnp.float32)
+    probs_BNTS = self._probs(logits_BNTS, bias_BNTS)
+    return jnp.einsum('BNTS,BNSH->BTNH', probs_BNTS, values_BNSH.astype(probs_BNTS.dtype))
+
+  def _probs(self, logits_BNTS, bias_BNTS):
+    return jax.nn.softmax(logits_BNTS + bias_BNTS, axis=-1).astype(
+        policy_of(self.cfg).compute_dtype)

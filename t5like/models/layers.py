@@ -1,5 +1,8 @@
 """Building blocks: T5 LayerNorm, einsum projections, embeddings, the FFN, remat policies.
 
+The float layers live here; `einsum_class` / `embed_class` pick the quantised ones of
+t5like/models/quant.py where the config asks for them.
+
 Shape letters: B batch, T query/target length, S key/source length, D d_model, N heads,
 H head dim, F d_ff, V vocab, L layers.
 
@@ -16,7 +19,7 @@ import jax.numpy as jnp
 
 from t5like import precision
 from t5like.config import ModelConfig
-from t5like.kernels import cpu_matmul
+from t5like.models import quant
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     'none': None,
@@ -56,11 +59,10 @@ class RMSNorm(nn.Module):
 
 
 class Einsum(nn.Module):
-  """A bias-free projection `einsum(spec, x, kernel)`; the one place weights meet activations.
+  """A bias-free projection `einsum(spec, x, kernel)`: the one place float weights meet activations.
 
-  Quantised weights (ModelConfig.weight_quant), run-time activation quantisation
-  (activation_quant) and fake quantisation for training (qat) are all dispatched from here, so
-  every projection of every model gets them; see t5like/compress/quantize.py.
+  Quantised variants (stored integer weights, fake quantisation, dynamic int8 activations) are
+  other classes in t5like/models/quant.py with the same fields; `einsum_class(cfg)` picks one.
   """
   cfg: ModelConfig
   spec: str                       # e.g. 'BTD,DNH->BTNH'
@@ -73,58 +75,29 @@ class Einsum(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    policy = policy_of(self.cfg)
-    cfg = self.cfg
-    if cfg.weight_quant != 'none' or cfg.qat != 'none' or cfg.activation_quant != 'none':
-      # Local import: compress builds on models, never the other way at import time.
-      from t5like.compress import quantize
-    if self.cfg.weight_quant != 'none':
-      return quantize.quantized_einsum(self, x, policy)
     kernel = self.param('kernel', nn.with_logical_partitioning(normal_init(self.init_std),
                                                                self.kernel_axes),
-                        self.kernel_shape, policy.param_dtype)
-    if isinstance(kernel, cpu_matmul.PackedKernel):   # the CPU decoding layout
-      lead = x.shape[:-self.contract_dims]
-      x_flat = x.reshape(lead + (-1,))
-      if cpu_matmul.wanted(x_flat, kernel):
-        out_shape = lead + self.kernel_shape[self.contract_dims:]
-        return cpu_matmul.matmul(x_flat, kernel).reshape(out_shape)
-      kernel = kernel.unpacked()
-    if self.cfg.qat != 'none':
-      kernel = quantize.fake_quant_kernel(kernel, self.cfg, self.contract_dims)
-    x = policy.cast_to_compute(x)
-    if self.cfg.activation_quant != 'none':
-      return quantize.dynamic_einsum(self.spec, x, kernel.astype(policy.compute_dtype), self.cfg,
-                                     self.contract_dims, out_f32=self.out_f32)
-    kernel = kernel.astype(policy.compute_dtype)
-    if self.contract_dims > 1:
-      # One contracted axis in row-major order: a multi-axis contraction lets XLA pick an axis
-      # order that transposes the whole kernel on every call (seen on CPU while decoding).
-      c = self.contract_dims
-      x = x.reshape(x.shape[:-c] + (-1,))
-      kernel = kernel.reshape((-1,) + kernel.shape[c:])
-      ins, out = self.spec.split('->')
-      x_spec, k_spec = ins.split(',')
-      k = next(ch for ch in 'KCZ' if ch not in self.spec)
-      spec = f'{x_spec[:-c]}{k},{k}{k_spec[c:]}->{out}'
-    else:
-      spec = self.spec
-    return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32 if self.out_f32 else None)
+                        self.kernel_shape, policy_of(self.cfg).param_dtype)
+    return project(self, x, kernel)
 
 
-def fused_packed_projections(module: nn.Module, names: Sequence[str], x):
-  """[einsum of x with child Einsum `name`'s kernel for each name] as one CPU kernel call, when
-  those kernels are packed (decoding layout, one contracted dim) and the kernel applies here;
-  else None, and the caller applies the children one by one."""
-  params = module.variables.get('params', {})
-  kernels = [params.get(name, {}).get('kernel') for name in names]
-  if not all(isinstance(k, cpu_matmul.PackedKernel) and not k.transposed for k in kernels):
-    return None
-  x_flat = x.reshape(-1, x.shape[-1])
-  if not all(k.k == x.shape[-1] for k in kernels) or not cpu_matmul.wanted(x_flat, kernels[0]):
-    return None
-  outs = cpu_matmul.matmul_fused(x_flat, kernels)
-  return [y.reshape(x.shape[:-1] + k.shape[1:]) for y, k in zip(outs, kernels)]
+def project(einsum: Einsum, x, kernel):
+  """`einsum.spec` of x and a float `kernel` in the compute dtype (what `Einsum` computes)."""
+  policy = policy_of(einsum.cfg)
+  x = policy.cast_to_compute(x)
+  kernel = kernel.astype(policy.compute_dtype)
+  spec = einsum.spec
+  if einsum.contract_dims > 1:
+    # One contracted axis in row-major order: a multi-axis contraction lets XLA pick an axis
+    # order that transposes the whole kernel on every call (seen on CPU while decoding).
+    c = einsum.contract_dims
+    x = x.reshape(x.shape[:-c] + (-1,))
+    kernel = kernel.reshape((-1,) + kernel.shape[c:])
+    ins, out = spec.split('->')
+    x_spec, k_spec = ins.split(',')
+    k = next(ch for ch in 'KCZ' if ch not in spec)
+    spec = f'{x_spec[:-c]}{k},{k}{k_spec[c:]}->{out}'
+  return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32 if einsum.out_f32 else None)
 
 
 class Embed(nn.Module):
@@ -132,64 +105,75 @@ class Embed(nn.Module):
   cfg: ModelConfig
 
   def setup(self):
-    policy = policy_of(self.cfg)
-    if self.cfg.weight_quant != 'none':
-      from t5like.compress import quantize
-      self.quant_embedding = quantize.QuantEmbedding(self.cfg, name='quant')
-    else:
-      self.embedding = self.param(
-          'embedding', nn.with_logical_partitioning(normal_init(1.0), ('vocab', 'embed')),
-          (self.cfg.vocab_size, self.cfg.d_model), policy.param_dtype)
-
-  def table(self):
-    if self.cfg.weight_quant != 'none':
-      return self.quant_embedding.dequantized()
-    if isinstance(self.embedding, cpu_matmul.PackedKernel):
-      return self.embedding.unpacked()
-    return self.embedding
+    self.embedding = self.param(
+        'embedding', nn.with_logical_partitioning(normal_init(1.0), ('vocab', 'embed')),
+        (self.cfg.vocab_size, self.cfg.d_model), policy_of(self.cfg).param_dtype)
 
   def __call__(self, ids_BT):
-    policy = policy_of(self.cfg)
-    if self.cfg.weight_quant != 'none':
-      return self.quant_embedding.lookup(ids_BT, policy.compute_dtype)
-    if isinstance(self.embedding, cpu_matmul.PackedKernel):
-      return self.embedding.rows(ids_BT).astype(policy.compute_dtype)
-    return jnp.take(self.embedding, ids_BT, axis=0).astype(policy.compute_dtype)
+    return jnp.take(self.embedding, ids_BT, axis=0).astype(policy_of(self.cfg).compute_dtype)
 
   def attend(self, x_BTD):
     """Logits x @ E^T in float32."""
-    policy = policy_of(self.cfg)
-    if self.cfg.weight_quant != 'none':
-      return self.quant_embedding.attend(x_BTD, policy)
-    table = self.embedding
-    if isinstance(table, cpu_matmul.PackedKernel):   # the CPU decoding layout
-      if cpu_matmul.wanted(x_BTD, table):
-        return cpu_matmul.matmul(x_BTD, table)
-      table = table.unpacked()
-    if self.cfg.qat != 'none':
-      from t5like.compress import quantize
-      table = quantize.fake_quant_kernel(table, self.cfg, contract_dims=1, channel_axis=0)
-    return jnp.einsum('BTD,VD->BTV', policy.cast_to_compute(x_BTD),
-                      table.astype(policy.compute_dtype), preferred_element_type=jnp.float32)
+    return tied_logits(self.cfg, x_BTD, self.embedding)
+
+
+def tied_logits(cfg: ModelConfig, x_BTD, table_VD):
+  policy = policy_of(cfg)
+  return jnp.einsum('BTD,VD->BTV', policy.cast_to_compute(x_BTD),
+                    table_VD.astype(policy.compute_dtype), preferred_element_type=jnp.float32)
+
+
+def einsum_class(cfg: ModelConfig):
+  """The projection layer of this config: float, stored-quantised or fake-quantised weights."""
+  if cfg.weight_quant != 'none':
+    return quant.QuantEinsum
+  if cfg.qat != 'none' or cfg.activation_quant != 'none':
+    return quant.FakeQuantEinsum
+  return Einsum
+
+
+def embed_class(cfg: ModelConfig):
+  """The token embedding of this config (its tied output layer included)."""
+  if cfg.weight_quant != 'none':
+    return quant.QuantEmbed
+  if cfg.qat != 'none':
+    return quant.FakeQuantEmbed
+  return Embed
 
 
 class MLP(nn.Module):
   """T5 FFN: relu (1.0) or gated-gelu (1.1, tanh-approximate gelu as T5 and HF use)."""
   cfg: ModelConfig
 
-  @nn.compact
-  def __call__(self, x_BTD, deterministic: bool):
+  @property
+  def gated(self) -> bool:
+    return self.cfg.ffn_activation in ('gated-gelu', 'swiglu')
+
+  def setup(self):
     cfg = self.cfg
     D, F = cfg.d_model, cfg.d_ff
-    proj = lambda name: Einsum(cfg, 'BTD,DF->BTF', (D, F), ('embed', 'mlp'), D ** -0.5, name=name)
-    if cfg.ffn_activation in ('gated-gelu', 'swiglu'):
+    proj = einsum_class(cfg)
+    wi = lambda: proj(cfg, 'BTD,DF->BTF', (D, F), ('embed', 'mlp'), D ** -0.5)
+    if self.gated:
+      self.wi_0, self.wi_1 = wi(), wi()
+    else:
+      self.wi = wi()
+    self.wo = proj(cfg, 'BTF,FD->BTD', (F, D), ('mlp', 'embed'), F ** -0.5)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def gate_and_up(self, x_BTD):
+    """The gated FFN's two input projections (a decode backend may fuse them into one call)."""
+    return self.wi_0(x_BTD), self.wi_1(x_BTD)
+
+  def __call__(self, x_BTD, deterministic: bool):
+    cfg = self.cfg
+    if self.gated:
       act = nn.gelu if cfg.ffn_activation == 'gated-gelu' else nn.silu
-      fused = fused_packed_projections(self, ('wi_0', 'wi_1'), x_BTD)
-      gate_BTF, up_BTF = fused or (proj('wi_0')(x_BTD), proj('wi_1')(x_BTD))
+      gate_BTF, up_BTF = self.gate_and_up(x_BTD)
       h_BTF = act(gate_BTF) * up_BTF
     else:
       act = nn.relu if cfg.ffn_activation == 'relu' else nn.gelu
-      h_BTF = act(proj('wi')(x_BTD))
+      h_BTF = act(self.wi(x_BTD))
     h_BTF = constrain(h_BTF, ('batch', 'length', 'mlp'))
-    h_BTF = nn.Dropout(cfg.dropout_rate)(h_BTF, deterministic=deterministic)
-    return Einsum(cfg, 'BTF,FD->BTD', (F, D), ('mlp', 'embed'), F ** -0.5, name='wo')(h_BTF)
+    h_BTF = self.dropout(h_BTF, deterministic=deterministic)
+    return self.wo(h_BTF)

@@ -21,68 +21,80 @@ import jax.numpy as jnp
 
 from t5like.config import ModelConfig
 from t5like.models.attention import Attention, RelativePositionBias, mask_to_bias
-from t5like.models.layers import (MLP, REMAT_POLICIES, Einsum, Embed, RMSNorm, constrain,
-                                  policy_of)
+from t5like.models.layers import (MLP, REMAT_POLICIES, RMSNorm, constrain, einsum_class,
+                                  embed_class, policy_of)
 from t5like.parallel import pipeline
-
-FULL, STEP, CROSS_KV = 'full', 'step', 'cross_kv'   # modes of a decoder stack
-
 
 class EncoderLayer(nn.Module):
   cfg: ModelConfig
-  deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD, layer_cache, bias_BNTS):
-    cfg, det = self.cfg, self.deterministic
+  def __call__(self, x_BTD, deterministic: bool, bias_BNTS):
+    cfg, det = self.cfg, deterministic
     h = RMSNorm(cfg, name='pre_attention_norm')(x_BTD)
-    h, _ = Attention(cfg, name='attention')(h, bias_BNTS, det)
+    h = Attention(cfg, name='attention')(h, bias_BNTS, det)
     x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h, deterministic=det)
     h = MLP(cfg, name='mlp')(RMSNorm(cfg, name='pre_mlp_norm')(x_BTD), det)
     x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h, deterministic=det)
-    return constrain(x_BTD, ('batch', 'length', 'embed')), None
+    return constrain(x_BTD, ('batch', 'length', 'embed'))
 
 
 class DecoderLayer(nn.Module):
-  """Causal self-attention, cross-attention (encoder-decoder only), FFN; pre-norm residuals."""
-  cfg: ModelConfig
-  deterministic: bool = True
-  mode: str = FULL
+  """Causal self-attention, cross-attention (encoder-decoder only), FFN; pre-norm residuals.
 
-  @nn.compact
-  def __call__(self, x_BTD, layer_cache, self_bias_BNTS, cross_bias_BNTS, encoded_BSD, rope_pos,
-               cache_index_B):
-    cfg, det = self.cfg, self.deterministic
-    cross = cfg.is_encdec
-    if cross:
-      cross_attention = Attention(cfg, name='cross_attention')
-    if self.mode == CROSS_KV:
-      k, v = cross_attention.project_kv_cache(encoded_BSD)
-      return x_BTD, {'cross_k': k, 'cross_v': v}
-    step = self.mode == STEP
-    rope_q = rope_k = None
-    if cfg.position == 'rope':
-      rope_q, rope_k = rope_pos
-    new_cache = {}
-    h = RMSNorm(cfg, name='pre_self_attention_norm')(x_BTD)
-    h, kv = Attention(cfg, name='self_attention')(
-        h, self_bias_BNTS, det, rope_q_pos=rope_q, rope_k_pos=rope_k,
-        cache=(layer_cache['self_k'], layer_cache['self_v']) if step else None,
-        cache_index_B=cache_index_B)
-    if step:
-      new_cache.update(self_k=kv[0], self_v=kv[1])
-    x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h, deterministic=det)
-    if cross:
-      h = RMSNorm(cfg, name='pre_cross_attention_norm')(x_BTD)
-      if step:
-        kv = (layer_cache['cross_k'], layer_cache['cross_v'])
-        h, _ = cross_attention(h, cross_bias_BNTS, det, kv=kv)
-      else:
-        h, _ = cross_attention(h, cross_bias_BNTS, det, kv_BSD=encoded_BSD)
-      x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h, deterministic=det)
-    h = MLP(cfg, name='mlp')(RMSNorm(cfg, name='pre_mlp_norm')(x_BTD), det)
-    x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h, deterministic=det)
-    return constrain(x_BTD, ('batch', 'length', 'embed')), (new_cache if step else None)
+  `__call__`: a whole sequence (training, scoring); `step`: new positions against the layer's
+  KV cache; `cross_kv`: the cross-attention keys and values of an encoder output.
+  """
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.pre_self_attention_norm = RMSNorm(cfg)
+    self.self_attention = Attention(cfg)
+    if cfg.is_encdec:
+      self.pre_cross_attention_norm = RMSNorm(cfg)
+      self.cross_attention = Attention(cfg)
+    self.pre_mlp_norm = RMSNorm(cfg)
+    self.mlp = MLP(cfg)
+    self.attention_dropout = nn.Dropout(cfg.dropout_rate)
+    self.cross_dropout = nn.Dropout(cfg.dropout_rate)
+    self.mlp_dropout = nn.Dropout(cfg.dropout_rate)
+
+  def __call__(self, x_BTD, deterministic: bool, self_bias_BNTS, cross_bias_BNTS, encoded_BSD,
+               rope_pos):
+    det = deterministic
+    rope_q, rope_k = rope_pos if self.cfg.position == 'rope' else (None, None)
+    h = self.self_attention(self.pre_self_attention_norm(x_BTD), self_bias_BNTS, det,
+                            rope_q_pos=rope_q, rope_k_pos=rope_k)
+    x_BTD = x_BTD + self.attention_dropout(h, deterministic=det)
+    if self.cfg.is_encdec:
+      h = self.cross_attention(self.pre_cross_attention_norm(x_BTD), cross_bias_BNTS, det,
+                               kv_BSD=encoded_BSD)
+      x_BTD = x_BTD + self.cross_dropout(h, deterministic=det)
+    return self._ffn(x_BTD, det)
+
+  def step(self, x_BTD, layer_cache, self_bias_BNTS, cross_bias_BNTS, rope_pos, index_B):
+    """(x, {'self_k', 'self_v'} updated) for T new positions per row at `index_B`."""
+    rope_q, rope_k = rope_pos if self.cfg.position == 'rope' else (None, None)
+    h, (k, v) = self.self_attention.step(
+        self.pre_self_attention_norm(x_BTD), self_bias_BNTS,
+        (layer_cache['self_k'], layer_cache['self_v']), index_B, rope_q_pos=rope_q,
+        rope_k_pos=rope_k)
+    x_BTD = x_BTD + h
+    if self.cfg.is_encdec:
+      kv = (layer_cache['cross_k'], layer_cache['cross_v'])
+      x_BTD = x_BTD + self.cross_attention.cross_step(self.pre_cross_attention_norm(x_BTD),
+                                                      cross_bias_BNTS, kv)
+    return self._ffn(x_BTD, True), {'self_k': k, 'self_v': v}
+
+  def cross_kv(self, encoded_BSD):
+    k, v = self.cross_attention.project_kv_cache(encoded_BSD)
+    return {'cross_k': k, 'cross_v': v}
+
+  def _ffn(self, x_BTD, det):
+    h = self.mlp(self.pre_mlp_norm(x_BTD), det)
+    x_BTD = x_BTD + self.mlp_dropout(h, deterministic=det)
+    return constrain(x_BTD, ('batch', 'length', 'embed'))
 
 
 class LayerGroup(nn.Module):
@@ -90,128 +102,88 @@ class LayerGroup(nn.Module):
   cfg: ModelConfig
   layer_cls: Any
   repeats: int
-  layer_kwargs: tuple = ()
 
-  @nn.compact
-  def __call__(self, x, group_cache, *args):
-    layer = self.layer_cls(self.cfg, name='layer', **dict(self.layer_kwargs))
+  def setup(self):
+    self.layer = self.layer_cls(self.cfg)
+
+  def __call__(self, x, cache, deterministic: bool, *args):
+    """The whole-sequence forward; `cache` is None (the signature pipeline.run_stack calls)."""
+    del cache
+    for _ in range(self.repeats):
+      x = self.layer(x, deterministic, *args)
+    return x, None
+
+  def step(self, x, group_cache, *args):
+    """`DecoderLayer.step` of each repeat; cache leaves [repeats, ...]."""
     outs = []
-    unrolled = group_cache is not None and _is_unrolled(group_cache)
     for r in range(self.repeats):
-      if group_cache is None:
-        layer_cache = None
-      elif unrolled:
-        layer_cache = {k: v[r] for k, v in group_cache.items()}
-      else:
-        layer_cache = jax.tree.map(lambda c: c[r], group_cache)
-      x, out = layer(x, layer_cache, *args)
+      x, out = self.layer.step(x, jax.tree.map(lambda c, r=r: c[r], group_cache), *args)
       outs.append(out)
-    if outs[0] is None:
-      return x, None
-    if unrolled:
-      return x, {k: [o[k] for o in outs] for k in outs[0]}
     return x, jax.tree.map(lambda *o: jnp.stack(o), *outs)
+
+  def cross_kv(self, x, _, encoded_BSD):
+    kv = self.layer.cross_kv(encoded_BSD)
+    return x, jax.tree.map(lambda a: jnp.stack([a] * self.repeats), kv)
 
 
 class LayerStack(nn.Module):
-  """`num_layers` layers as one nn.scan over G weight groups (leading 'layers' param axis)."""
+  """`num_layers` layers as one nn.scan over G weight groups (leading 'layers' param axis).
+
+  `__call__` (a whole sequence, any layer class), `step` and `cross_kv` (DecoderLayer's) scan
+  the same parameters; caches are [L, ...] per key.
+  """
   cfg: ModelConfig
   layer_cls: Any
   num_layers: int
-  layer_kwargs: tuple = ()
 
-  @nn.compact
-  def __call__(self, x, cache, *broadcast_args):
+  @property
+  def groups(self) -> tuple[int, int]:
+    """(G weight groups, R layers per group)."""
+    G = self.cfg.shared_layer_groups or self.num_layers
+    return G, self.num_layers // G
+
+  def setup(self):
     cfg = self.cfg
-    G = cfg.shared_layer_groups or self.num_layers
-    R = self.num_layers // G
-    group_cls = LayerGroup
     policy = REMAT_POLICIES.get(cfg.remat_policy, 'unknown')
     if policy == 'unknown':
       raise ValueError(f'unknown model.remat_policy {cfg.remat_policy!r}; '
                        f'choose one of {sorted(REMAT_POLICIES)}')
+    self.group_cls = LayerGroup
     if cfg.remat_policy != 'none':
-      group_cls = nn.remat(LayerGroup, policy=policy, prevent_cse=False)
-    if _params_unrolled(self):
-      return self._unrolled(G, R, x, cache, broadcast_args)
-    if cache is not None and _is_unrolled(cache):
-      raise ValueError('a per-layer decoding cache needs per-layer weights: pass the parameters '
-                       'through unroll_params (decode.prepare_params) first')
-    scanned = nn.scan(group_cls, variable_axes={'params': 0}, split_rngs={'params': True,
-                                                                          'dropout': True},
-                      in_axes=(0,) + (nn.broadcast,) * len(broadcast_args), length=G,
-                      metadata_params={nn.PARTITION_NAME: 'layers'},
-                      # Decoding steps unroll the layers: static weight slices, no loop overhead.
-                      unroll=G if dict(self.layer_kwargs).get('mode') == STEP else 1)
-    piped = pipeline.maybe_pipeline(self, group_cls(cfg, self.layer_cls, R, self.layer_kwargs,
-                                                    parent=None), x, cache, broadcast_args)
+      # `deterministic` (argument 3, counting self) is a Python bool.
+      self.group_cls = nn.remat(LayerGroup, policy=policy, prevent_cse=False, static_argnums=(3,))
+    self.layers = self.group_cls(cfg, self.layer_cls, self.groups[1])
+
+  def _scan(self, body, num_broadcast: int, unroll: int = 1):
+    return nn.scan(body, variable_axes={'params': 0},
+                   split_rngs={'params': True, 'dropout': True},
+                   in_axes=(0,) + (nn.broadcast,) * num_broadcast, length=self.groups[0],
+                   metadata_params={nn.PARTITION_NAME: 'layers'}, unroll=unroll)
+
+  def __call__(self, x, *broadcast_args, deterministic: bool = True):
+    G, R = self.groups
+    group = self.group_cls(self.cfg, self.layer_cls, R, parent=None)
+    piped = pipeline.maybe_pipeline(self, group, x, broadcast_args, deterministic)
     if piped is not None:   # a pipeline over the mesh's 'stage' axis (t5like/parallel/pipeline.py)
-      return piped, None
-    if cache is not None:
-      cache = jax.tree.map(lambda c: c.reshape((G, R) + c.shape[1:]), cache)
-    x, out = scanned(cfg, self.layer_cls, R, self.layer_kwargs, name='layers')(
-        x, cache, *broadcast_args)
-    if out is not None:
-      out = jax.tree.map(lambda c: c.reshape((G * R,) + c.shape[2:]), out)
-    return x, out
+      return piped
+    scan = self._scan(lambda g, x, c, *b: g(x, c, deterministic, *b), len(broadcast_args))
+    return scan(self.layers, x, None, *broadcast_args)[0]
 
-  def _unrolled(self, G, R, x, cache, broadcast_args):
-    """Per-group weights (`unroll_params`); the cache (if any) comes back as per-layer lists."""
-    if cache is not None:
-      cache = {k: list(v) for k, v in cache.items()}   # a stacked cache is split here
-    outs = {}
-    for g in range(G):
-      group_cache = None if cache is None else {k: v[g * R:(g + 1) * R] for k, v in cache.items()}
-      x, out = LayerGroup(self.cfg, self.layer_cls, R, self.layer_kwargs, name=f'group_{g}')(
-          x, group_cache, *broadcast_args)
-      for k, v in (out or {}).items():
-        outs.setdefault(k, []).extend(v if isinstance(v, list) else list(v))
-    return x, (outs or None)
+  def step(self, x, cache, *broadcast_args):
+    """DecoderLayer.step through every layer: (x, the updated cache entries [L, ...])."""
+    G, R = self.groups
+    cache = jax.tree.map(lambda c: c.reshape((G, R) + c.shape[1:]), cache)
+    # Decoding steps unroll the layers: static weight slices, no loop overhead.
+    scan = self._scan(lambda g, x, c, *b: g.step(x, c, *b), len(broadcast_args), unroll=G)
+    x, out = scan(self.layers, x, cache, *broadcast_args)
+    return x, jax.tree.map(lambda c: c.reshape((G * R,) + c.shape[2:]), out)
 
-
-def _params_unrolled(stack: nn.Module) -> bool:
-  return 'group_0' in stack.variables.get('params', {})
-
-
-def _is_unrolled(cache) -> bool:
-  return isinstance(cache.get('self_v'), (list, tuple))
-
-
-def unroll_params(cfg: ModelConfig, params, encoder: bool = False):
-  """The decoding layout of the parameters: the decoder's stacked [G, ...] layer weights split into
-  one subtree per group (`decoder/stack/group_g`), and with `encoder` the encoder's as well.
-  Idempotent; everything else is unchanged.
-
-  Inside a `lax.while_loop` body, slicing layer l out of stacked weights is a copy of it on every
-  step (XLA does not hoist it), so a decoding loop reads about twice the weight bytes it needs.
-  Split once (a server at load time, `decode.prepare_params`) and each layer is its own buffer
-  (for the encoder, run once per request, that saves the per-layer slice copies of a prefill).
-  Every mode of either stack accepts both layouts and gives the same results.
-  """
-  stacks = [('decoder', cfg.num_decoder_layers)]
-  if encoder and 'encoder' in params:
-    stacks.append(('encoder', cfg.num_encoder_layers))
-  stacks = [(name, n) for name, n in stacks if 'layers' in params[name]['stack']]
-  if not stacks:
-    return params
-  params = dict(params)
-  for name, layers in stacks:
-    G = cfg.shared_layer_groups or layers
-    stack = params[name]['stack']
-    groups = {f'group_{g}': jax.tree.map(lambda w, g=g: w[g], stack['layers']) for g in range(G)}
-    stack = {k: v for k, v in stack.items() if k != 'layers'} | groups
-    params[name] = dict(params[name], stack=stack)
-  return params
-
-
-def unroll_for_decoding(cfg: ModelConfig, params, cache):
-  """`unroll_params` plus the cache's K/V as per-layer lists, which a decoding loop then updates
-  in place (a stacked cache would be sliced, i.e. copied, per layer and step)."""
-  cache = dict(cache, **{k: list(cache[k]) for k in _LAYER_CACHE if k in cache})
-  return unroll_params(cfg, params), cache
-
-
-_LAYER_CACHE = ('self_k', 'self_v', 'cross_k', 'cross_v')
+  def cross_kv(self, encoded_BSD):
+    """Cross-attention keys [L, B, N, H, S] and values [L, B, N, S, H] of every layer."""
+    G, R = self.groups
+    scan = self._scan(lambda g, x, c, e: g.cross_kv(x, c, e), 1)
+    _, kv = scan(self.layers, jnp.zeros((), encoded_BSD.dtype), None, encoded_BSD)
+    return jax.tree.map(lambda c: c.reshape((G * R,) + c.shape[2:]), kv)
 
 
 def _positions(tokens_BT):
@@ -227,7 +199,7 @@ class Encoder(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, embed: Embed, tokens_BS, segment_ids_BS=None, deterministic=True):
+  def __call__(self, embed: nn.Module, tokens_BS, segment_ids_BS=None, deterministic=True):
     cfg = self.cfg
     key_valid_BS = tokens_BS != cfg.pad_id if segment_ids_BS is None else segment_ids_BS != 0
     mask_BSS = jnp.broadcast_to(key_valid_BS[:, None, :], tokens_BS.shape + tokens_BS.shape[-1:])
@@ -238,61 +210,61 @@ class Encoder(nn.Module):
     bias_BNSS = bias_BNSS + mask_to_bias(mask_BSS)
     x = nn.Dropout(cfg.dropout_rate)(embed(tokens_BS), deterministic=deterministic)
     x = constrain(x, ('batch', 'length', 'embed'))
-    x, _ = LayerStack(cfg, EncoderLayer, cfg.num_encoder_layers,
-                      (('deterministic', deterministic),), name='stack')(x, None, bias_BNSS)
+    x = LayerStack(cfg, EncoderLayer, cfg.num_encoder_layers, name='stack')(
+        x, bias_BNSS, deterministic=deterministic)
     x = RMSNorm(cfg, name='final_norm')(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
 class Decoder(nn.Module):
-  """The decoder stack and output layer. One compact `__call__`, three modes:
+  """The decoder stack and output layer, one method per mode:
 
-  FULL: teacher-forced forward -> logits [B, T, V] (float32);
-  STEP: append T tokens per row at the row's cache index -> (logits, new cache);
-  CROSS_KV: cross-attention keys [L, B, N, H, S] and values [L, B, N, S, H] of every layer.
+  `__call__`: teacher-forced forward -> logits [B, T, V] (float32);
+  `step`: append T tokens per row at the row's cache index -> (logits, new cache);
+  `cross_kv`: cross-attention keys [L, B, N, H, S] and values [L, B, N, S, H] of every layer.
   """
   cfg: ModelConfig
 
-  @nn.compact
-  def __call__(self, embed: Embed, tokens_BT, *, mode=FULL, encoded_BSD=None, cross_mask_BTS=None,
-               segment_ids_BT=None, positions_BT=None, cache=None, deterministic=True):
+  def setup(self):
     cfg = self.cfg
-    kwargs = (('deterministic', deterministic), ('mode', mode))
-    stack = LayerStack(cfg, DecoderLayer, cfg.num_decoder_layers, kwargs, name='stack')
-    relpos = (RelativePositionBias(cfg, bidirectional=False, name='relpos_bias')
-              if cfg.position == 'relative' else None)
+    self.stack = LayerStack(cfg, DecoderLayer, cfg.num_decoder_layers)
+    if cfg.position == 'relative':
+      self.relpos_bias = RelativePositionBias(cfg, bidirectional=False)
+    self.final_norm = RMSNorm(cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = einsum_class(cfg)(cfg, 'BTD,DV->BTV', (cfg.d_model, cfg.vocab_size),
+                                       ('embed', 'vocab'), cfg.d_model ** -0.5, out_f32=True)
+    self.input_dropout = nn.Dropout(cfg.dropout_rate)
+    self.output_dropout = nn.Dropout(cfg.dropout_rate)
 
-    def self_bias(q_pos_BT, k_pos_BS, mask_BTS):
-      bias = mask_to_bias(mask_BTS)
-      return bias if relpos is None else bias + relpos(q_pos_BT, k_pos_BS)
+  def _self_bias(self, q_pos_BT, k_pos_BS, mask_BTS):
+    bias = mask_to_bias(mask_BTS)
+    return bias if self.cfg.position != 'relative' else bias + self.relpos_bias(q_pos_BT, k_pos_BS)
 
-    if mode == CROSS_KV:
-      B = encoded_BSD.shape[0]
-      dummy = jnp.zeros((B, 1, cfg.d_model), encoded_BSD.dtype)
-      _, kv = stack(dummy, None, None, None, encoded_BSD, None, None)
-      return kv
+  def __call__(self, embed: nn.Module, tokens_BT, *, encoded_BSD=None, cross_mask_BTS=None,
+               segment_ids_BT=None, positions_BT=None, deterministic=True):
+    pos_BT = _positions(tokens_BT)
+    mask_BTT = pos_BT[:, :, None] >= pos_BT[:, None, :]
+    if segment_ids_BT is not None:
+      mask_BTT = mask_BTT & _segment_mask(segment_ids_BT, segment_ids_BT)
+    bias = self._self_bias(pos_BT[:1], pos_BT[:1], mask_BTT)
+    cross_bias = None if cross_mask_BTS is None else mask_to_bias(cross_mask_BTS)
+    rope_pos_BT = pos_BT if positions_BT is None else positions_BT
+    x = self.input_dropout(embed(tokens_BT), deterministic=deterministic)
+    x = constrain(x, ('batch', 'length', 'embed'))
+    x = self.stack(x, bias, cross_bias, encoded_BSD, (rope_pos_BT, rope_pos_BT),
+                   deterministic=deterministic)
+    return self._logits(embed, x, deterministic)
 
-    if mode == FULL:
-      pos_BT = _positions(tokens_BT)
-      mask_BTT = pos_BT[:, :, None] >= pos_BT[:, None, :]
-      if segment_ids_BT is not None:
-        mask_BTT = mask_BTT & _segment_mask(segment_ids_BT, segment_ids_BT)
-      bias = self_bias(pos_BT[:1], pos_BT[:1], mask_BTT)
-      cross_bias = None if cross_mask_BTS is None else mask_to_bias(cross_mask_BTS)
-      rope_pos_BT = pos_BT if positions_BT is None else positions_BT
-      x = nn.Dropout(cfg.dropout_rate)(embed(tokens_BT), deterministic=deterministic)
-      x = constrain(x, ('batch', 'length', 'embed'))
-      x, _ = stack(x, None, bias, cross_bias, encoded_BSD, (rope_pos_BT, rope_pos_BT), None)
-      return self._logits(embed, x, deterministic)
-
-    if mode != STEP:
-      raise ValueError(f'unknown decoder mode {mode!r}')
+  def step(self, embed: nn.Module, tokens_BT, cache):
+    """(logits [B, T, V], new cache): tokens appended at each row's `cache['index']`."""
+    cfg = self.cfg
     index_B = cache['index']
     B, T = tokens_BT.shape
-    S = (cache['self_v'][0].shape[2] if _is_unrolled(cache) else cache['self_v'].shape[3])
+    S = jax.tree.leaves(cache['self_v'])[0].shape[-2]   # values [..., B, N, S, H]
     q_pos_BT = index_B[:, None] + jnp.arange(T, dtype=jnp.int32)
     k_pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    bias = self_bias(q_pos_BT, k_pos_BS, k_pos_BS[:, None, :] <= q_pos_BT[:, :, None])
+    bias = self._self_bias(q_pos_BT, k_pos_BS, k_pos_BS[:, None, :] <= q_pos_BT[:, :, None])
     cross_bias = None
     layer_cache = {k: cache[k] for k in ('self_k', 'self_v')}
     if cfg.is_encdec:
@@ -300,29 +272,32 @@ class Decoder(nn.Module):
       cross_bias = mask_to_bias(jnp.broadcast_to(enc_mask_BS[:, None, :],
                                                  (B, T, enc_mask_BS.shape[-1])))
       layer_cache.update(cross_k=cache['cross_k'], cross_v=cache['cross_v'])
-    x, new_layer_cache = stack(embed(tokens_BT), layer_cache, bias, cross_bias, None,
-                               (q_pos_BT, q_pos_BT), index_B)
+    x, new_layer_cache = self.stack.step(embed(tokens_BT), layer_cache, bias, cross_bias,
+                                         (q_pos_BT, q_pos_BT), index_B)
     new_cache = dict(cache, **new_layer_cache, index=index_B + T)
     return self._logits(embed, x), new_cache
 
-  def _logits(self, embed: Embed, x_BTD, deterministic=True):
+  def cross_kv(self, encoded_BSD):
+    return self.stack.cross_kv(encoded_BSD)
+
+  def _logits(self, embed: nn.Module, x_BTD, deterministic=True):
     cfg = self.cfg
-    x_BTD = RMSNorm(cfg, name='final_norm')(x_BTD)
-    x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)  # after the norm, as T5
+    x_BTD = self.final_norm(x_BTD)
+    x_BTD = self.output_dropout(x_BTD, deterministic=deterministic)  # after the norm, as T5
     if cfg.tie_embeddings:
       logits = embed.attend(x_BTD * (cfg.d_model ** -0.5))
     else:
-      logits = Einsum(cfg, 'BTD,DV->BTV', (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
-                      cfg.d_model ** -0.5, out_f32=True, name='lm_head')(x_BTD)
+      logits = self.lm_head(x_BTD)
     return constrain(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
 
 
 class EncoderDecoder(nn.Module):
-  """T5. `__call__(encoder_tokens, decoder_tokens)` -> logits [B, T, V] (float32)."""
+  """T5. `__call__(encoder_tokens, decoder_tokens)` -> logits [B, T, V] (float32); decoding:
+  `prefill(encoder_tokens, cache)` then `decode_step(decoder_tokens, cache)`."""
   cfg: ModelConfig
 
   def setup(self):
-    self.shared_embedding = Embed(self.cfg)
+    self.shared_embedding = embed_class(self.cfg)(self.cfg)
     self.encoder = Encoder(self.cfg)
     self.decoder = Decoder(self.cfg)
 
@@ -346,25 +321,22 @@ class EncoderDecoder(nn.Module):
 
   def prefill(self, encoder_tokens, cache):
     """Runs the encoder and stores its cross-attention K/V and padding mask in `cache`."""
-    encoded = self.encode(encoder_tokens)
-    kv = self.decoder(self.shared_embedding, None, mode=CROSS_KV, encoded_BSD=encoded)
-    dtype = lambda c: (c[0] if isinstance(c, list) else c).dtype
-    cast = lambda v, c: ([t.astype(dtype(c)) for t in v] if isinstance(v, list)
-                         else v.astype(dtype(c)))
-    return dict(cache, **{k: cast(v, cache[k]) for k, v in kv.items()},
-                encoder_mask=encoder_tokens != self.cfg.pad_id)
+    kv = self.decoder.cross_kv(self.encode(encoder_tokens))
+    kv = {k: jax.tree.map(lambda v, c: v.astype(c.dtype), v, cache[k]) for k, v in kv.items()}
+    return dict(cache, **kv, encoder_mask=encoder_tokens != self.cfg.pad_id)
 
   def decode_step(self, decoder_tokens, cache):
     """Appends tokens [B, T] at each row's cache index: (logits [B, T, V], new cache)."""
-    return self.decoder(self.shared_embedding, decoder_tokens, mode=STEP, cache=cache)
+    return self.decoder.step(self.shared_embedding, decoder_tokens, cache)
 
 
 class DecoderOnly(nn.Module):
-  """A causal language model: `__call__(tokens)` -> logits [B, T, V] (float32)."""
+  """A causal language model: `__call__(tokens)` -> logits [B, T, V] (float32); decoding:
+  `decode_step(tokens, cache)` (a prompt is its first step)."""
   cfg: ModelConfig
 
   def setup(self):
-    self.shared_embedding = Embed(self.cfg)
+    self.shared_embedding = embed_class(self.cfg)(self.cfg)
     self.decoder = Decoder(self.cfg)
 
   def __call__(self, decoder_tokens, decoder_segment_ids=None, decoder_positions=None,
@@ -374,7 +346,7 @@ class DecoderOnly(nn.Module):
 
   def decode_step(self, decoder_tokens, cache):
     """Appends tokens [B, T] at each row's cache index: (logits [B, T, V], new cache)."""
-    return self.decoder(self.shared_embedding, decoder_tokens, mode=STEP, cache=cache)
+    return self.decoder.step(self.shared_embedding, decoder_tokens, cache)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -75,7 +75,7 @@ _ACTIVE = threading.local()
 
 @contextlib.contextmanager
 def schedule(s: Schedule):
-  """Within this context, LayerStacks traced in FULL mode run as pipelines with schedule `s`."""
+  """Within this context, LayerStacks' whole-sequence calls run as pipelines with schedule `s`."""
   stack = _ACTIVE.__dict__.setdefault('stack', [])
   stack.append(s)
   try:
@@ -89,18 +89,18 @@ def active_schedule() -> Schedule | None:
   return stack[-1] if stack else None
 
 
-def maybe_pipeline(stack_module: nn.Module, group: nn.Module, x, cache, broadcast_args):
-  """The output of `stack_module` (a LayerStack) run as a pipeline, or None where it does not
-  apply: no active schedule, initialisation (which creates the scanned parameters), decoding
-  (a cache or a non-FULL mode). `group` is the unbound scanned layer group."""
+def maybe_pipeline(stack_module: nn.Module, group: nn.Module, x, broadcast_args,
+                   deterministic: bool):
+  """The whole-sequence output of `stack_module` (a LayerStack) run as a pipeline, or None where
+  it does not apply: no active schedule, or initialisation (which creates the scanned
+  parameters). `group` is the unbound scanned layer group, called as
+  `group(x, None, deterministic, *broadcast_args)`."""
   s = active_schedule()
-  kwargs = dict(stack_module.layer_kwargs)
-  if (s is None or cache is not None or stack_module.is_initializing()
-      or kwargs.get('mode', 'full') != 'full'):
+  if s is None or stack_module.is_initializing():
     return None
-  rng = None if kwargs.get('deterministic', True) else stack_module.make_rng('dropout')
+  rng = None if deterministic else stack_module.make_rng('dropout')
   params = stack_module.variables['params']['layers']
-  return run_stack(group, params, x, broadcast_args, s, rng)
+  return run_stack(group, params, x, (deterministic,) + tuple(broadcast_args), s, rng)
 
 
 def _constrain(x, lead: str | None):

@@ -10,7 +10,7 @@ import pytest
 from t5like.config import get_variant
 from t5like.infer import decode
 from t5like.models import build_model, init_cache
-from t5like.models.transformer import unroll_for_decoding, unroll_params
+from t5like.infer import backend as backend_lib
 from random_weights import random_params
 
 B, S, T = 2, 10, 6
@@ -78,7 +78,7 @@ def test_greedy_equals_argmax_of_full_forwards(name):
 @pytest.mark.parametrize('name', ['t5_tiny', 'decoder_tiny'])
 def test_prepared_params_decode_identically(name):
   cfg, params, inputs = setup(name)
-  prepared = decode.prepare_params(cfg, params)
+  prepared = decode.prepare_params(cfg, params, backend='xla')
   assert 'layers' not in prepared['decoder']['stack']
   assert sorted(prepared['decoder']['stack']) == [f'group_{g}' for g in range(
       cfg.num_decoder_layers)]
@@ -163,13 +163,20 @@ def test_argmax_and_token_logprob_helpers():
 
 
 def test_per_layer_layout_gives_the_same_step_logits():
-  """decode_step on (stacked weights, stacked cache) and on the decoding layout agree, for shared
-  layer groups too; a per-layer cache with stacked weights is a clear error."""
+  """decode_step on (stacked weights, stacked cache) and, through the backend, on the decoding
+  layout agree, for shared layer groups too; a per-layer cache with stacked weights is a clear
+  error."""
+  be = backend_lib.XLA
   for cfg in (get_variant('t5_tiny'), get_variant('decoder_tiny', num_decoder_layers=4,
                                                   shared_layer_groups=2)):
     params = random_params(cfg, seed=1, embed_std=0.3, std=0.2)
     model = build_model(cfg)
     step = jit(lambda p, t, c: model.apply({'params': p}, t, c, method='decode_step'))
+
+    def be_step(p, t, c):
+      with be.attached():
+        return model.apply({'params': p}, t, c, method='decode_step')
+    be_step = jit(be_step)
     cache = init_cache(cfg, B, 4, S)
     if cfg.is_encdec:
       enc = jnp.asarray(np.random.RandomState(2).randint(2, cfg.vocab_size, (B, S)), jnp.int32)
@@ -177,14 +184,14 @@ def test_per_layer_layout_gives_the_same_step_logits():
           params, enc, cache)
     tok = jnp.asarray([[0], [0]], jnp.int32)
     ref, ref_cache = step(params, tok, cache)
-    flat_params, flat_cache = unroll_for_decoding(cfg, params, cache)
-    got, got_cache = step(flat_params, tok, flat_cache)
+    flat_params, flat_cache = be.layout(cfg, params), be.decoding_cache(cache)
+    got, got_cache = be_step(flat_params, tok, flat_cache)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jnp.stack(got_cache['self_k']), ref_cache['self_k'], atol=1e-6)
     # A second step from each carries on equally.
     ref2, _ = step(params, tok + 5, ref_cache)
-    got2, _ = step(flat_params, tok + 5, got_cache)
+    got2, _ = be_step(flat_params, tok + 5, got_cache)
     np.testing.assert_allclose(got2, ref2, rtol=1e-5, atol=1e-5)
-    assert unroll_params(cfg, flat_params) is flat_params
+    assert backend_lib.split_layers(cfg, flat_params) is flat_params
     with pytest.raises(ValueError, match='per-layer weights'):
-      model.apply({'params': params}, tok, flat_cache, method='decode_step')
+      be_step(params, tok, flat_cache)

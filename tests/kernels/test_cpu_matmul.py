@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from t5like.config import get_variant
-from t5like.infer import decode
+from t5like.infer import backend as backend_lib, decode
 from t5like.kernels import cpu_matmul
 from t5like.models import build_model, init_cache
 from random_weights import random_params
@@ -96,15 +96,15 @@ def test_matmul_errors_name_the_problem():
     cpu_matmul.matmul(jnp.zeros((33, 64)), w)
 
 
-def test_wanted_only_inside_enabled_and_for_few_rows():
+def test_wanted_for_packed_float32_few_rows_on_cpu_only(monkeypatch):
   w = cpu_matmul.pack(jnp.zeros((64, 32)))
   x = jnp.zeros((4, 64))
-  assert not cpu_matmul.wanted(x, w)                       # outside enabled()
   assert not cpu_matmul.wanted(x, jnp.zeros((64, 32)))     # not packed
-  with cpu_matmul.enabled():
-    assert cpu_matmul.wanted(x, w) == cpu_matmul.available()
-    assert not cpu_matmul.wanted(jnp.zeros((33, 64)), w)
-    assert not cpu_matmul.wanted(x.astype(jnp.bfloat16), w)
+  assert cpu_matmul.wanted(x, w) == cpu_matmul.available()
+  assert not cpu_matmul.wanted(jnp.zeros((33, 64)), w)
+  assert not cpu_matmul.wanted(x.astype(jnp.bfloat16), w)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')  # off the CPU: never
+  assert not cpu_matmul.wanted(x, w)
 
 
 @needs_kernel
@@ -112,8 +112,8 @@ def test_wanted_only_inside_enabled_and_for_few_rows():
 def test_packed_step_logits_equal_unpacked(name):
   cfg = get_variant(name)
   params = random_params(cfg, std=0.2)
-  packed = decode.prepare_params(cfg, params)
-  plain = decode.prepare_params(cfg, params, pack=False)
+  packed = decode.prepare_params(cfg, params, backend='cpu_kernels')
+  plain = decode.prepare_params(cfg, params, backend='xla')
   n_packed = sum(isinstance(x, cpu_matmul.PackedKernel) for x in
                  jax.tree.leaves(packed, is_leaf=lambda x: isinstance(x, cpu_matmul.PackedKernel)))
   # Per decoder layer: self q/k/v/out, cross q/out, the FFN; plus the output layer.
@@ -126,10 +126,10 @@ def test_packed_step_logits_equal_unpacked(name):
   cache = init_cache(cfg, B, 8, 5) if cfg.is_encdec else init_cache(cfg, B, 8)
   if cfg.is_encdec:
     enc = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (B, 5)), jnp.int32)
-    cache = model.apply({'params': plain}, enc, cache, method='prefill')
+    cache = model.apply({'params': params}, enc, cache, method='prefill')
 
   def step(p):
-    with cpu_matmul.enabled():
+    with backend_lib.CPU_KERNELS.attached():
       return model.apply({'params': p}, tok, cache, method='decode_step')[0]
   hlo = jax.jit(step).lower(packed).as_text()
   # Every packed projection runs as the kernel (none falls back to unpacking): q/k/v in one call,
@@ -144,19 +144,23 @@ def test_packed_step_logits_equal_unpacked(name):
   assert hlo.count('@t5like_decode_attention(') == (cfg.num_decoder_layers if cfg.is_encdec else 0)
   np.testing.assert_allclose(jax.jit(step)(packed), jax.jit(step)(plain), rtol=1e-4, atol=1e-4)
   # Against XLA's ops alone (no kernel at all), logits and the updated cache.
-  xla_step = lambda p: model.apply({'params': p}, tok, cache, method='decode_step')
+  def xla_step(p):
+    with backend_lib.XLA.attached():
+      return model.apply({'params': p}, tok, cache, method='decode_step')
+
+  def kernel_step(p):
+    with backend_lib.CPU_KERNELS.attached():
+      return model.apply({'params': p}, tok, cache, method='decode_step')
   want_logits, want_cache = jax.jit(xla_step)(plain)
-  with cpu_matmul.enabled():
-    got_logits, got_cache = jax.jit(xla_step)(packed)
+  got_logits, got_cache = jax.jit(kernel_step)(packed)
   assert '_cached(' not in jax.jit(xla_step).lower(plain).as_text()
   np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-4)
   for name in want_cache:
     np.testing.assert_allclose(np.asarray(got_cache[name]), np.asarray(want_cache[name]),
                                rtol=1e-5, atol=1e-5, err_msg=name)
-  # Outside enabled() (and for the full forward) a packed weight is unpacked for XLA.
-  np.testing.assert_allclose(
-      model.apply({'params': packed}, tok, cache, method='decode_step')[0],
-      model.apply({'params': plain}, tok, cache, method='decode_step')[0], rtol=1e-5, atol=1e-5)
+  # The XLA backend unpacks a packed weight.
+  np.testing.assert_allclose(jax.jit(xla_step)(backend_lib.XLA.layout(cfg, packed))[0],
+                             want_logits, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
@@ -164,16 +168,17 @@ def test_packed_step_logits_equal_unpacked(name):
 def test_packed_decoding_equals_xla_decoding(name):
   cfg = get_variant(name)
   params = random_params(cfg, embed_std=0.3, std=0.2)
-  packed = decode.prepare_params(cfg, params)
-  plain = decode.prepare_params(cfg, params, pack=False)
+  packed = decode.prepare_params(cfg, params, backend='cpu_kernels')
+  plain = decode.prepare_params(cfg, params, backend='xla')
   inputs = jnp.asarray(np.random.default_rng(2).integers(2, cfg.vocab_size, (4, 7)), jnp.int32)
-  a = decode.greedy(packed, cfg, inputs, 6, stop_at_eos=False)
-  b = decode.greedy(plain, cfg, inputs, 6, stop_at_eos=False)
+  a = decode.greedy(packed, cfg, inputs, 6, stop_at_eos=False, backend='cpu_kernels')
+  b = decode.greedy(plain, cfg, inputs, 6, stop_at_eos=False, backend='xla')
   np.testing.assert_array_equal(a.tokens, b.tokens)
   np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-4)
   if name == 't5_tiny':   # sampling runs greedy's loop; beam search has its own
-    a = decode.beam_search(packed, cfg, inputs, 6, num_beams=3, stop_at_eos=False)
-    b = decode.beam_search(plain, cfg, inputs, 6, num_beams=3, stop_at_eos=False)
+    a = decode.beam_search(packed, cfg, inputs, 6, num_beams=3, stop_at_eos=False,
+                           backend='cpu_kernels')
+    b = decode.beam_search(plain, cfg, inputs, 6, num_beams=3, stop_at_eos=False, backend='xla')
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-4)
 
@@ -204,7 +209,7 @@ def _run_isolated(cases):
 FALLBACK = '''
   import jax
   from t5like.config import get_variant
-  from t5like.infer import decode
+  from t5like.infer import backend as backend_lib, decode
   from t5like.kernels import cpu_matmul
   from t5like.models import init_params
   assert not cpu_matmul.available()
@@ -233,16 +238,18 @@ def test_disabled_or_failed_build_falls_back_to_xla(tmp_path):
 @pytest.mark.parametrize('name', ['t5_tiny', 't5_1_1_tiny'])
 def test_encoder_prefill_attention_kernel_equals_xla(name):
   cfg = get_variant(name)
-  params = decode.prepare_params(cfg, random_params(cfg, std=0.2))
+  params = decode.prepare_params(cfg, random_params(cfg, std=0.2), backend='cpu_kernels')
   model = build_model(cfg)
   rng = np.random.default_rng(1)
   enc = jnp.asarray(rng.integers(2, cfg.vocab_size, (3, 11)), jnp.int32).at[1, 7:].set(0)
-  cache = init_cache(cfg, 3, 4, 11)
+  cache = backend_lib.decoding_cache(init_cache(cfg, 3, 4, 11))
 
   def prefill(on):
+    be = backend_lib.CPU_KERNELS if on else backend_lib.XLA
+
     def f(p):
-      with cpu_matmul.enabled(on):
-        return model.apply({'params': p}, enc, cache, method='prefill')
+      with be.attached():
+        return model.apply({'params': be.layout(cfg, p)}, enc, cache, method='prefill')
     return f
   hlo = jax.jit(prefill(True)).lower(params).as_text()
   assert hlo.count('@t5like_prefill_attention(') == cfg.num_encoder_layers

@@ -51,18 +51,18 @@ def test_shape_errors_name_the_problem():
                             jnp.zeros((1, 2, 4)))
 
 
-def test_wanted_only_inside_enabled_for_one_float32_query():
+def test_wanted_for_float32_queries_on_cpu_only(monkeypatch):
   q, k, v = jnp.zeros((2, 1, 4, 8)), jnp.zeros((2, 4, 8, 5)), jnp.zeros((2, 4, 5, 8))
+  assert decode_attention.wanted(q, k, v) == library.available()
+  assert not decode_attention.wanted(jnp.zeros((2, 3, 4, 8)), k, v)
+  assert not decode_attention.wanted(q.astype(jnp.bfloat16), k, v)
+  full = jnp.zeros((2, 3, 4, 8))
+  assert decode_attention.wanted_prefill(full, full, full) == library.available()
+  assert not decode_attention.wanted_prefill(q, q, q)            # one query: a decoding step
+  assert not decode_attention.wanted_prefill(full.astype(jnp.bfloat16), full, full)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')     # off the CPU: never
   assert not decode_attention.wanted(q, k, v)
-  with library.enabled():
-    assert decode_attention.wanted(q, k, v) == library.available()
-    assert not decode_attention.wanted(jnp.zeros((2, 3, 4, 8)), k, v)
-    assert not decode_attention.wanted(q.astype(jnp.bfloat16), k, v)
-    full = jnp.zeros((2, 3, 4, 8))
-    assert decode_attention.wanted_prefill(full, full, full) == library.available()
-    assert not decode_attention.wanted_prefill(q, q, q)            # one query: a decoding step
-    assert not decode_attention.wanted_prefill(full.astype(jnp.bfloat16), full, full)
-  assert not decode_attention.wanted_prefill(jnp.zeros((2, 3, 4, 8)), k, v)
+  assert not decode_attention.wanted_prefill(full, full, full)
 
 
 def cached_reference(q, k_new, v_new, keys, values, bias, index):

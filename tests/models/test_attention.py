@@ -129,9 +129,9 @@ def test_attention_is_unscaled_softmax_attention():
   w = {k: rng.normal(0, 0.2, abstract[k]['kernel'].value.shape).astype(np.float32)
        for k in ('query', 'key', 'value', 'out')}
   params = {k: {'kernel': jnp.asarray(v)} for k, v in w.items()}
-  out, cache = jit(lambda p, x, b, kv: attn.apply({'params': p}, x, b, True, kv_BSD=kv))(
+  out = jit(lambda p, x, b, kv: attn.apply({'params': p}, x, b, True, kv_BSD=kv))(
       params, x, bias, kv_in)
-  assert cache is None and out.shape == (B, T, D)
+  assert out.shape == (B, T, D)
   x, kv_in, w = np.asarray(x, np.float64), np.asarray(kv_in, np.float64), {
       k: v.astype(np.float64) for k, v in w.items()}
   q = np.einsum('btd,dnh->btnh', x, w['query'])
