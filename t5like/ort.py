@@ -133,6 +133,8 @@ class OrtModel:
     m = self.manifest
     self.is_encdec = m['architecture'] == 'encdec'
     self.L, self.N, self.H = m['num_layers'], m['num_heads'], m['head_dim']
+    self._outputs = ['logits'] + [f'present_{kv}_{l}' for l in range(self.L)
+                                  for kv in ('key', 'value')]
 
   def _cache(self, B: int, C: int) -> dict:
     feed = {}
@@ -144,9 +146,8 @@ class OrtModel:
   def _step(self, feed: dict, tokens_BT, index_B):
     """Runs the decoder graph: logits [B, T, V]; `feed`'s cache replaced by the new one."""
     feed['input_ids'], feed['cache_index'] = tokens_BT, index_B
-    outs = self.sessions['decoder'].run(None, feed)
-    names = [o.name for o in self.sessions['decoder'].get_outputs()]
-    for name, value in zip(names[1:], outs[1:]):
+    outs = self.sessions['decoder'].run(self._outputs, feed)
+    for name, value in zip(self._outputs[1:], outs[1:]):
       feed[name.replace('present_', 'past_')] = value
     return outs[0]
 

@@ -89,14 +89,11 @@ class _Graph:
   def f32(self, value) -> str:
     return self.const(np.asarray(value, np.float32))
 
-  def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs):
-    names = [self.fresh(op_type.lower()) for _ in range(outputs)]
+  def op(self, op_type: str, *inputs: str, outputs: int = 1, name: str | None = None, **attrs):
+    """Appends a node; its output is `name` (a graph output) or a fresh name."""
+    names = [name] if name else [self.fresh(op_type.lower()) for _ in range(outputs)]
     self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
     return names[0] if outputs == 1 else names
-
-  def output_as(self, value: str, name: str) -> str:
-    self.nodes.append(helper.make_node('Identity', [value], [name]))
-    return name
 
   def add_input(self, name: str, elem, shape) -> str:
     self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
@@ -159,8 +156,8 @@ def _rms_norm(g: _Graph, x: str, scale, eps: float, name: str) -> str:
   return g.op('Mul', y, g.const(_np(scale), name))
 
 
-def _matmul(g: _Graph, x: str, w: np.ndarray, name: str) -> str:
-  return g.op('MatMul', x, g.const(w, name))
+def _matmul(g: _Graph, x: str, w: np.ndarray, name: str, out: str | None = None) -> str:
+  return g.op('MatMul', x, g.const(w, name), name=out)
 
 
 def _heads(g: _Graph, x_BTX: str, cfg: ModelConfig) -> str:
@@ -279,8 +276,8 @@ def encoder_graph(cfg: ModelConfig, params: Mapping[str, Any]) -> onnx.ModelProt
   kv = [kv] if isinstance(kv, str) else kv
   for l, names in enumerate(cache_names(cfg)):
     k_BSNH, v_BSNH = _heads(g, kv[2 * l], cfg), _heads(g, kv[2 * l + 1], cfg)
-    g.output_as(g.op('Transpose', k_BSNH, perm=[0, 2, 3, 1]), names[4])
-    g.output_as(g.op('Transpose', v_BSNH, perm=[0, 2, 1, 3]), names[5])
+    g.op('Transpose', k_BSNH, perm=[0, 2, 3, 1], name=names[4])
+    g.op('Transpose', v_BSNH, perm=[0, 2, 1, 3], name=names[5])
     g.add_output(names[4], F32, ['batch', N, H, 'source'])
     g.add_output(names[5], F32, ['batch', N, 'source', H])
   return g.model()
@@ -343,8 +340,8 @@ def decoder_graph(cfg: ModelConfig, params: Mapping[str, Any]) -> onnx.ModelProt
       new_shape_k = g.op('Shape', k_BNHT)
       idx_k = g.op('Expand', g.op('Unsqueeze', q_pos_BT, g.i64(1, 2)), new_shape_k)
       idx_v = g.op('Expand', g.op('Unsqueeze', q_pos_BT, g.i64(1, 3)), g.op('Shape', v_BNTH))
-    k_cache = g.output_as(g.op('ScatterElements', past_k, idx_k, k_BNHT, axis=3), present_k)
-    v_cache = g.output_as(g.op('ScatterElements', past_v, idx_v, v_BNTH, axis=2), present_v)
+    k_cache = g.op('ScatterElements', past_k, idx_k, k_BNHT, axis=3, name=present_k)
+    v_cache = g.op('ScatterElements', past_v, idx_v, v_BNTH, axis=2, name=present_v)
     g.add_output(present_k, F32, ['batch', N, H, 'cache'])
     g.add_output(present_v, F32, ['batch', N, 'cache', H])
     ctx = _attend(g, q, k_cache, v_cache, bias)
@@ -361,11 +358,10 @@ def decoder_graph(cfg: ModelConfig, params: Mapping[str, Any]) -> onnx.ModelProt
   x = _rms_norm(g, x, params['decoder']['final_norm']['scale'], cfg.layer_norm_epsilon,
                 'decoder/final_norm')
   if cfg.tie_embeddings:
-    logits = _matmul(g, g.op('Mul', x, g.f32(cfg.d_model ** -0.5)),
-                     np.ascontiguousarray(emb.T), 'embedding_transposed')
+    _matmul(g, g.op('Mul', x, g.f32(cfg.d_model ** -0.5)), np.ascontiguousarray(emb.T),
+            'embedding_transposed', out='logits')
   else:
-    logits = _matmul(g, x, _np(params['decoder']['lm_head']['kernel']), 'decoder/lm_head')
-  g.output_as(logits, 'logits')
+    _matmul(g, x, _np(params['decoder']['lm_head']['kernel']), 'decoder/lm_head', out='logits')
   g.outputs.insert(0, helper.make_tensor_value_info('logits', F32, ['batch', 'new',
                                                                     cfg.vocab_size]))
   return g.model()
