@@ -13,6 +13,10 @@ A corpus is one of
 - one `.jsonl` file: each line is a JSON object whose `text_field` holds one document, named
   `<file>:<line>`.
 
+Folders and files may be cloud URIs (`gs://bucket/texts`, read through etils.epath). For corpora
+too large to hold, `stream_documents` lists the names first and reads one document at a time
+(scripts/preprocess_corpus.py writes them as token records, t5like/data/records.py).
+
 Bad input (missing path, empty corpus, an unreadable file, undecodable bytes, a binary file, a bad
 JSONL line) raises `CorpusError` naming the file. With `on_bad_file='skip'` a bad file (or JSONL
 line) is skipped and logged instead; a corpus with nothing left is still an error.
@@ -31,6 +35,8 @@ import logging
 import os
 import re
 from typing import Iterable, Sequence
+
+from t5like import paths
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +105,9 @@ def load_documents(corpus: str, *, text_field: str = 'text',
   elif not corpus:
     raise CorpusError("data.corpus is empty; set it to 'shakespeare', a folder of .txt files, a "
                       '.txt file or a .jsonl file')
-  elif os.path.isdir(corpus):
+  elif _is_dir(corpus):
     docs = _folder_documents(corpus, on_bad_file)
-  elif os.path.isfile(corpus):
+  elif _is_file(corpus):
     if corpus.endswith('.jsonl'):
       docs = _jsonl_documents(corpus, text_field, on_bad_file)
     elif corpus.endswith('.txt'):
@@ -151,13 +157,8 @@ def stream_documents(corpus: str, *, text_field: str = 'text',
   """(document names, an iterator reading one document at a time) of a corpus folder, a .jsonl
   file or 'shakespeare': for corpora too large to hold. Other corpora (one .txt file) are read
   whole. The names come first, so the split can be decided before any text is read."""
-  if corpus != 'shakespeare' and os.path.isdir(corpus):
-    files = []
-    for root, dirs, names in os.walk(corpus):
-      dirs.sort()
-      files.extend(os.path.join(root, f) for f in sorted(names) if f.endswith('.txt'))
-    if not files:
-      raise CorpusError(f'corpus folder {corpus} has no .txt files')
+  if corpus != 'shakespeare' and _is_dir(corpus):
+    files = _txt_files(corpus)
 
     def folder_docs():
       for path in files:
@@ -171,15 +172,15 @@ def stream_documents(corpus: str, *, text_field: str = 'text',
             raise
           log.warning('skipping bad corpus file: %s', e)
           continue
-        yield Document(os.path.relpath(path, corpus), text)
-    return [os.path.relpath(p, corpus) for p in files], folder_docs()
-  if corpus.endswith('.jsonl') and os.path.isfile(corpus):
+        yield Document(_relative(path, corpus), text)
+    return [_relative(p, corpus) for p in files], folder_docs()
+  if corpus.endswith('.jsonl') and _is_file(corpus):
     base = os.path.basename(corpus)
-    with open(corpus, 'rb') as f:
+    with paths.resolve(corpus).open('rb') as f:
       names = [f'{base}:{i}' for i, line in enumerate(f, start=1) if line.strip()]
 
     def jsonl_docs():
-      with open(corpus, 'rb') as f:
+      with paths.resolve(corpus).open('rb') as f:
         for lineno, raw in enumerate(f, start=1):
           if not raw.strip():
             continue
@@ -211,6 +212,40 @@ def corpus_fingerprint(docs: Iterable[Document]) -> str:
   return h.hexdigest()
 
 
+def _is_dir(path: str) -> bool:
+  return paths.resolve(path).is_dir()
+
+
+def _is_file(path: str) -> bool:
+  return paths.resolve(path).is_file()
+
+
+def _txt_files(folder: str) -> list[str]:
+  """Every *.txt file under `folder` (a local path or a cloud URI), in a stable order."""
+  if paths.is_remote(folder):
+    def walk(d):   # os.walk's order; one listing per folder (no recursive globs on GCS)
+      children = sorted(d.iterdir(), key=lambda c: c.name)
+      dirs = [c for c in children if c.is_dir()]
+      yield from (paths.as_str(c) for c in children if c not in dirs and c.name.endswith('.txt'))
+      for sub in dirs:
+        yield from walk(sub)
+    files = list(walk(paths.resolve(folder)))
+  else:
+    files = []
+    for root, dirs, names in os.walk(folder):
+      dirs.sort()
+      files.extend(os.path.join(root, f) for f in sorted(names) if f.endswith('.txt'))
+  if not files:
+    raise CorpusError(f'corpus folder {folder} has no .txt files')
+  return files
+
+
+def _relative(path: str, folder: str) -> str:
+  if paths.is_remote(folder):
+    return path[len(folder.rstrip('/')) + 1:]
+  return os.path.relpath(path, folder)
+
+
 def _decode(data: bytes, path: str) -> str:
   if b'\x00' in data[:_BINARY_SNIFF_BYTES]:
     raise CorpusError(f'{path} is not a text file (it contains NUL bytes); remove it from the '
@@ -224,8 +259,7 @@ def _decode(data: bytes, path: str) -> str:
 
 def _read_text(path: str) -> str:
   try:
-    with open(path, 'rb') as f:
-      data = f.read()
+    data = paths.resolve(path).read_bytes()
   except OSError as e:
     raise CorpusError(f'cannot read corpus file {path}: {e.strerror or e}; fix its permissions or '
                       "set data.on_bad_file='skip'") from None
@@ -233,14 +267,8 @@ def _read_text(path: str) -> str:
 
 
 def _folder_documents(folder: str, on_bad_file: str) -> list[Document]:
-  paths = []
-  for root, dirs, files in os.walk(folder):
-    dirs.sort()
-    paths.extend(os.path.join(root, f) for f in sorted(files) if f.endswith('.txt'))
-  if not paths:
-    raise CorpusError(f'corpus folder {folder} has no .txt files')
   docs = []
-  for path in paths:
+  for path in _txt_files(folder):
     try:
       text = _read_text(path)
       if not text.strip():
@@ -251,7 +279,7 @@ def _folder_documents(folder: str, on_bad_file: str) -> list[Document]:
         raise
       log.warning('skipping bad corpus file: %s', e)
       continue
-    docs.append(Document(os.path.relpath(path, folder), text))
+    docs.append(Document(_relative(path, folder), text))
   return docs
 
 

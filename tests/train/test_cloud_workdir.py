@@ -81,3 +81,20 @@ def test_tokenizer_trained_into_and_reused_from_gcs(fake_gcs):
   again = tokenizer_lib.load_or_train(docs, 'gs://bucket/run', vocab_size=600, max_sentences=1000)
   assert again.model_proto == tok.model_proto
   assert tokenizer_lib.Tokenizer.from_file(saved[0]).encode('line 3') == tok.encode('line 3')
+
+
+def test_corpus_folder_on_gcs(fake_gcs):
+  from t5like import paths as paths_lib
+  root = paths_lib.resolve('gs://bucket/texts')
+  for name, text in (('b/two.txt', 'second\n'), ('a/one.txt', 'first\n'), ('skip.md', 'no'),
+                     ('z.txt', 'top\n')):
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_text(text)
+  docs = corpus_lib.load_documents('gs://bucket/texts')
+  # os.walk's order, as for a local folder: a folder's files, then its subfolders.
+  assert [(d.name, d.text) for d in docs] == [('z.txt', 'top\n'), ('a/one.txt', 'first\n'),
+                                              ('b/two.txt', 'second\n')]
+  names, stream = corpus_lib.stream_documents('gs://bucket/texts')
+  assert names == ['z.txt', 'a/one.txt', 'b/two.txt'] and len(list(stream)) == 3
+  with pytest.raises(corpus_lib.CorpusError, match='does not exist'):
+    corpus_lib.load_documents('gs://bucket/nothing')
