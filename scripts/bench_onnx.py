@@ -9,8 +9,8 @@ onnxruntime loop of t5like.ort, in f32 and after ONNX Runtime's dynamic int8 qua
 params (decode.prepare_params) in f32 and after `compress.quantize.quantize_params(..., 'int8')`
 (int8 weights per output channel, float activations; `t5like_int8_dyn`: also int8 activations
 per token at run time, int8 x int8 matmuls, the closest to ONNX Runtime's scheme). PyTorch runs
-`generate` on a T5 of the same config in f32. Every runner's calls alternate within each batch size, so the ratios come
-from one run and one state of the host.
+`generate` on a T5 of the same config in f32. Every runner's calls alternate within each batch
+size, so the ratios come from one run and one state of the host.
 
 Also recorded: the f32 parity of the exported graphs at this size (ONNX Runtime's tokens against
 t5like's, and the largest logit difference against t5like's teacher-forced forward) and the bytes

@@ -58,12 +58,21 @@ _ELEM = {onnx.TensorProto.FLOAT: 'float32', onnx.TensorProto.INT64: 'int64',
 
 def check_params(cfg: ModelConfig, params: Mapping[str, Any]) -> None:
   """Raises OnnxExportError unless `params` are the float parameters of `cfg` (training layout)."""
-  want = {jax.tree_util.keystr(k): v.shape
-          for k, v in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
-  got = {jax.tree_util.keystr(k): np.shape(v)
-         for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  if 'group_0' in str(list(got)):   # the per-layer decoding layout: compare the training layout
+  def walk(tree, path=''):
+    for k, v in tree.items():
+      if isinstance(v, Mapping):
+        yield from walk(v, f'{path}/{k}')
+      elif not isinstance(v, (np.ndarray, jax.Array)):
+        raise OnnxExportError(f'params{path}/{k} is a {type(v).__name__}, not an array: export '
+                              'the training-layout params (not those of decode.prepare_params, '
+                              'whose CPU-kernel packing the graphs do not read)')
+      else:
+        yield f'{path}/{k}', np.shape(v)
+  got = dict(walk(params))
+  if any('/group_0/' in k for k in got):   # per-layer weights (backend.split_layers)
     return
+  want = {f'/{"/".join(k.key for k in path)}': v.shape
+          for path, v in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
   bad = [f'{k}: missing' for k in want if k not in got]
   bad += [f'{k}: unexpected' for k in got if k not in want]
   bad += [f'{k}: shape {got[k]}, expected {s}' for k, s in want.items()
@@ -155,7 +164,7 @@ def graph_bytes(directory: str) -> int:
              if f.endswith('.onnx') or f.endswith('.onnx.data'))
 
 
-# ---- serving bundles -------------------------------------------------------------------------------
+# ---- serving bundles ----------------------------------------------------------------------------
 
 BUNDLE_CONFIG, BUNDLE_PARAMS = 'config.json', 'params.safetensors'
 

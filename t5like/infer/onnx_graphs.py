@@ -110,7 +110,7 @@ class _Graph:
     return m
 
 
-# ---- parameters ------------------------------------------------------------------------------------
+# ---- parameters --------------------------------------------------------------------------------
 
 def _np(x) -> np.ndarray:
   return np.asarray(x, np.float32)
@@ -148,7 +148,7 @@ def relative_bias_table(cfg: ModelConfig, rel_embedding_NK, bidirectional: bool)
   return _np(rel_embedding_NK).T[bucket], R
 
 
-# ---- building blocks ---------------------------------------------------------------------------------
+# ---- building blocks ----------------------------------------------------------------------------
 
 def _rms_norm(g: _Graph, x: str, scale, eps: float, name: str) -> str:
   var = g.op('ReduceMean', g.op('Mul', x, x), axes=[-1], keepdims=1)
@@ -233,7 +233,8 @@ def _mask_bias(g: _Graph, allowed: str) -> str:
 # ---- the two graphs ------------------------------------------------------------------------------
 
 def cache_names(cfg: ModelConfig):
-  """Per decoder layer: (past key, past value, present key, present value, cross key, cross value)."""
+  """Per decoder layer: (past key, past value, present key, present value, cross key,
+  cross value)."""
   return [(f'past_key_{l}', f'past_value_{l}', f'present_key_{l}', f'present_value_{l}',
            f'cross_key_{l}', f'cross_value_{l}') for l in range(cfg.num_decoder_layers)]
 

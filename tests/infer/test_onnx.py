@@ -19,6 +19,7 @@ from t5like.config import get_variant
 from t5like.infer import decode
 from t5like.infer import onnx as t5onnx
 from t5like.models import build_model
+from t5like.infer.backend import split_layers
 from t5like.serve import bundle
 from random_weights import random_params
 
@@ -139,7 +140,8 @@ def _broken_copy(tmp_path, folder, edit):
     (lambda m: m['graphs']['decoder']['inputs'].pop('encoder_attention_mask'),
      'encoder_attention_mask'),
     (lambda m: m.pop('eos_id'), "lacks ['eos_id']"),
-    (lambda m: m['graphs']['encoder'].update(file='missing.onnx'), "'missing.onnx', which is missing"),
+    (lambda m: m['graphs']['encoder'].update(file='missing.onnx'),
+     "'missing.onnx', which is missing"),
 ])
 def test_bad_manifest_is_refused(exported, tmp_path, edit, message):
   folder = _broken_copy(tmp_path, exported['t5_tiny'][3], edit)
@@ -162,6 +164,25 @@ def test_wrong_params_are_refused(exported, tmp_path):
   cfg, params, *_ = exported['t5_tiny']
   with pytest.raises(t5onnx.OnnxExportError, match='do not match model'):
     t5onnx.export_onnx(cfg.replace(d_ff=256), params, str(tmp_path))
+  packed = dict(params, shared_embedding={'embedding': object()})
+  with pytest.raises(t5onnx.OnnxExportError, match='shared_embedding/embedding is a object'):
+    t5onnx.export_onnx(cfg, packed, str(tmp_path))
+
+
+@pytest.mark.parametrize('name,overrides', [
+    ('t5_tiny', dict(shared_layer_groups=1)),                     # one weight set, two layers
+    ('decoder_tiny', dict(position='relative', tie_embeddings=True, ffn_activation='swiglu')),
+])
+def test_other_architectures(tmp_path, name, overrides):
+  cfg = get_variant(name, **overrides)
+  params = random_params(cfg, embed_std=0.3, std=0.2)
+  inputs = fixture_inputs(cfg)
+  t5onnx.export_onnx(cfg, split_layers(cfg, params, encoder=True), str(tmp_path))
+  ref = np.asarray(decode.greedy(params, cfg, jnp.asarray(inputs, jnp.int32), T,
+                                 stop_at_eos=False).tokens)
+  assert len({tuple(r) for r in ref}) == B
+  np.testing.assert_array_equal(ort.OrtModel(str(tmp_path)).greedy(inputs, T, stop_at_eos=False)[0],
+                                ref)
 
 
 def test_int8_graphs(tmp_path):
@@ -173,7 +194,8 @@ def test_int8_graphs(tmp_path):
   assert m['quantization'] == 'int8-dynamic-per-channel'
   ops = {n.op_type for n in onnx.load(str(tmp_path / 'int8' / 'decoder.onnx')).graph.node}
   assert {'DynamicQuantizeLinear', 'MatMulInteger'} <= ops
-  assert t5onnx.graph_bytes(str(tmp_path / 'int8')) < 0.5 * t5onnx.graph_bytes(str(tmp_path / 'f32'))
+  f32_bytes = t5onnx.graph_bytes(str(tmp_path / 'f32'))
+  assert t5onnx.graph_bytes(str(tmp_path / 'int8')) < 0.5 * f32_bytes
   _, _, f_logits = ort.OrtModel(str(tmp_path / 'f32')).greedy(inputs, 2, return_logits=True)
   _, _, q_logits = ort.OrtModel(str(tmp_path / 'int8')).greedy(inputs, 2, return_logits=True)
   # Quantisation moves the first step's logits a little (about 1% here), not arbitrarily.
