@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from t5like.config import DataConfig, OptimConfig, TrainConfig, get_variant  # noqa: E402
+from t5like.compress import distill
+from t5like.config import DataConfig, DistillConfig, OptimConfig, TrainConfig, get_variant
+from t5like.models import param_count
+from t5like.train import loop, metrics
 
 FLAGS = flags.FLAGS
 
@@ -57,38 +57,13 @@ def student_config(steps: int) -> TrainConfig:
 
 def load_teacher(workdir: str, steps: int):
   """(params, ModelConfig) of the trained teacher: trained with the trainer unless checkpointed."""
-  import jax
-  from t5like import config as config_lib
-  from t5like.optim import make_optimizer
-  from t5like.parallel.mesh import get_rules, make_mesh
-  from t5like.train import checkpoint as ckpt_lib
-  from t5like.train import loop
-  from t5like.train import state as state_lib
-  tdir = os.path.join(workdir, 'teacher')
-  config = teacher_config(steps)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(tdir, loop.CHECKPOINT_DIR), async_save=False)
-  if ckpt.latest_step() != steps:
-    ckpt.close()
-    loop.train(config, tdir)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(tdir, loop.CHECKPOINT_DIR), async_save=False)
-  saved = config_lib.from_dict(config_lib.ModelConfig, ckpt.read_config(steps)['model'],
-                               prefix='model')
-  mesh = make_mesh(config.mesh)
-  tx = make_optimizer(config.optim, None, config.num_steps)
-  abstract, _ = state_lib.abstract_train_state(saved, tx, mesh, get_rules(config.mesh.rules))
-  state, _, _ = ckpt.restore(steps, abstract)
-  ckpt.close()
-  return jax.device_get(state.params), saved
+  return loop.trained_params(teacher_config(steps), os.path.join(workdir, 'teacher'))
 
 
 def main(argv):
   del argv
-  import jax
-  from t5like.compress import distill
-  from t5like.models import param_count
-  from t5like.train import loop
   teacher, tcfg = load_teacher(FLAGS.workdir, FLAGS.teacher_steps)
-  teacher_evals = [r for r in _read(os.path.join(FLAGS.workdir, 'teacher', 'metrics.jsonl'))
+  teacher_evals = [r for r in metrics.read_jsonl(os.path.join(FLAGS.workdir, 'teacher', 'metrics.jsonl'))
                    if r.get('split') == 'eval']
   results = {'teacher': {'params': param_count(teacher), 'steps': FLAGS.teacher_steps,
                          'val_loss': teacher_evals[-1]['loss'],
@@ -97,26 +72,16 @@ def main(argv):
              'alpha': FLAGS.alpha, 'temperature': FLAGS.temperature, 'students': {}}
   config = student_config(FLAGS.student_steps)
   for kind in FLAGS.kinds:
-    wd = os.path.join(FLAGS.workdir, f'student_{kind}')
-    if kind == 'scratch':
-      summary = loop.train(config, wd)
-      evals = [(r['step'], r['loss']) for r in _read(summary['metrics_file'])
-               if r.get('split') == 'eval']
-      n = summary['parameters']
-    else:
-      dcfg = distill.DistillConfig(kind, alpha=FLAGS.alpha, temperature=FLAGS.temperature)
-      out = distill.train_distill(config, dcfg, teacher, tcfg, wd)
-      evals, n = out['evals'], param_count(out['params'])
+    technique = None if kind == 'scratch' else distill.technique(
+        DistillConfig(kind, alpha=FLAGS.alpha, temperature=FLAGS.temperature), teacher, tcfg)
+    summary = loop.train(config, os.path.join(FLAGS.workdir, f'student_{kind}'),
+                         technique=technique)
+    evals, n = summary['evals'], summary['parameters']
     results['students'][kind] = {'params': n, 'val_loss': evals[-1][1], 'curve': evals,
                                  'size_vs_teacher': n / results['teacher']['params']}
     print(f'{kind}: validation loss {evals[-1][1]:.4f}', flush=True)
     _write(results)
   _write(results, plot=True)
-
-
-def _read(path):
-  from t5like.train import metrics
-  return metrics.read_jsonl(path)
 
 
 def _write(results, plot=False):

@@ -6,6 +6,7 @@ the entry point, through `from_dict`, which rejects unknown keys by name.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Any, Mapping
 
@@ -390,3 +391,91 @@ class TrainConfig:
     if self.data.batch_size % self.grad_accum_steps:
       raise ConfigError(f'grad_accum_steps={self.grad_accum_steps} must divide data.batch_size='
                         f'{self.data.batch_size}')
+
+
+PRUNE_METHODS = ('magnitude', 'structured', 'taylor', 'snip', 'greedy')
+# Every projection kernel of the layer stacks (t5like/compress/prune.py names parameters by path).
+PRUNE_DEFAULT_INCLUDE = (r'/stack/layers/layer/.*/kernel$',)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+  """What to prune, how, and (for gradual pruning in training) when (t5like/compress/prune.py).
+
+  method: 'magnitude' (unstructured |w| / w^2), 'structured' (per head / neuron norm), 'taylor'
+  (|w*g| over calibration batches), 'snip' (|w * mean g|), 'greedy' (one-shot, units, by loss).
+  `structured_gradients` makes 'taylor' / 'snip' score units instead of single weights.
+  """
+  method: str = 'magnitude'
+  norm: str = 'l1'                      # 'l1' or 'l2' (magnitude and structured scores)
+  sparsity: float = 0.5                 # final fraction of prunable weights removed
+  scope: str = 'layer'                  # 'layer': each parameter (and stacked layer) alone;
+                                        # 'global': one ranking over all prunable parameters
+  nm: str = ''                          # e.g. '2:4': keep N of every M along the input dim
+  units: str = 'both'                   # structured: 'heads', 'neurons' or 'both'
+  tie_relpos_heads: bool = True         # structured: self-attention heads of a stack that shares
+                                        # one relative-bias table are kept/removed in all layers
+  structured_gradients: bool = False
+  greedy_neuron_group: int = 0          # greedy: FFN neurons per unit; 0: as many weights as a head
+  include: tuple[str, ...] = PRUNE_DEFAULT_INCLUDE
+  exclude: tuple[str, ...] = ()
+  # Gradual pruning (Zhu & Gupta 2017): s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0))^power,
+  # masks recomputed every `update_every` steps in [begin_step, end_step], then frozen.
+  initial_sparsity: float = 0.0
+  begin_step: int = 0
+  end_step: int = 1000
+  update_every: int = 100
+  power: float = 3.0
+
+  def __post_init__(self):
+    _check_choice('prune.method', self.method, PRUNE_METHODS)
+    _check_choice('prune.norm', self.norm, ('l1', 'l2'))
+    _check_choice('prune.scope', self.scope, ('layer', 'global'))
+    _check_choice('prune.units', self.units, ('heads', 'neurons', 'both'))
+    for f in ('sparsity', 'initial_sparsity'):
+      if not 0.0 <= getattr(self, f) < 1.0:
+        raise ConfigError(f'prune.{f} must be in [0, 1), got {getattr(self, f)}')
+    if self.nm:
+      parse_nm(self.nm)
+    if self.update_every <= 0 or self.begin_step < 0 or self.end_step < self.begin_step:
+      raise ConfigError('prune: need update_every > 0 and 0 <= begin_step <= end_step, got '
+                        f'{self.update_every}, {self.begin_step}, {self.end_step}')
+    if self.greedy_neuron_group < 0:
+      raise ConfigError('prune.greedy_neuron_group must be >= 0')
+    for f in ('include', 'exclude'):
+      if isinstance(getattr(self, f), str):
+        raise ConfigError(f'prune.{f} must be a sequence of regexes, not a string')
+      for p in getattr(self, f):
+        try:
+          re.compile(p)
+        except re.error as e:
+          raise ConfigError(f'prune.{f}: invalid regex {p!r}: {e}') from None
+
+
+def parse_nm(nm: str) -> tuple[int, int]:
+  """(N, M) of an 'N:M' sparsity pattern (keep N of every M)."""
+  try:
+    n, m = (int(v) for v in nm.split(':'))
+  except ValueError:
+    raise ConfigError(f"prune.nm={nm!r} is not 'N:M' (e.g. '2:4')") from None
+  if not 0 < n < m:
+    raise ConfigError(f'prune.nm={nm!r} needs 0 < N < M')
+  return n, m
+
+
+DISTILL_KINDS = ('soft', 'hard', 'sequence')
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """How the student learns from the teacher (t5like/compress/distill.py)."""
+  kind: str = 'soft'              # 'soft', 'hard' or 'sequence'
+  alpha: float = 0.5              # weight of the distillation loss; 1 - alpha on the data loss
+  temperature: float = 2.0        # 'soft' only
+
+  def __post_init__(self):
+    _check_choice('distill.kind', self.kind, DISTILL_KINDS)
+    if not 0.0 <= self.alpha <= 1.0:
+      raise ConfigError(f'distill.alpha must be in [0, 1], got {self.alpha}')
+    if self.temperature <= 0:
+      raise ConfigError(f'distill.temperature must be positive, got {self.temperature}')

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from t5like.compress import prune
 
@@ -42,7 +43,7 @@ class Unit:
 
 def candidate_units(params, cfg: prune.PruneConfig) -> list[Unit]:
   """The units greedy may remove (see the module docstring)."""
-  flat, _ = prune.flatten(params)
+  flat = traverse_util.flatten_dict(params, sep='/')
   modules = prune.unit_modules(params, cfg)
   tied = set(prune.relpos_tied_modules(params, modules)) if cfg.tie_relpos_heads else set()
   per_unit = {}
@@ -91,7 +92,7 @@ def greedy_unit_masks(params, loss_fn: Callable, batches: Sequence, fractions: S
     raise ValueError(f'greedy_unit_masks: fractions must be ascending, got {fractions}')
   units = list(candidate_units(params, cfg) if units is None else units)
   modules = sorted({u.module for u in units})
-  flat, _ = prune.flatten(params)
+  flat = traverse_util.flatten_dict(params, sep='/')
   shapes = {m: prune.aggregate_units(params, [m], 'sum')[m].shape for m in modules}
   total = sum(flat[p].size for m in modules for p, _ in prune.unit_members(flat, m))
 

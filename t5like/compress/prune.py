@@ -27,106 +27,29 @@ Scores: `magnitude_scores` (|w| or w^2), `unit_scores` (L1/L2 norm per head / ne
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
-from t5like.config import ConfigError, _check_choice
-from t5like.optim.optimizers import param_path
+from t5like.config import ConfigError, PruneConfig, parse_nm
 
-DEFAULT_INCLUDE = (r'/stack/layers/layer/.*/kernel$',)
 NEVER_PRUNE = (r'norm', r'scale$', r'rel_embedding')
 STACKED = '/stack/layers/'   # parameters under this have a leading layer (or layer-group) axis
 HEAD_KERNELS = ('query', 'key', 'value', 'out')
 FFN_INPUTS = ('wi', 'wi_0', 'wi_1')
-METHODS = ('magnitude', 'structured', 'taylor', 'snip', 'greedy')
 
 
-@dataclasses.dataclass(frozen=True)
-class PruneConfig:
-  """What to prune, how, and (for gradual pruning in training) when.
-
-  method: 'magnitude' (unstructured |w| / w^2), 'structured' (per head / neuron norm), 'taylor'
-  (|w*g| over calibration batches), 'snip' (|w * mean g|), 'greedy' (one-shot, units, by loss).
-  `structured_gradients` makes 'taylor' / 'snip' score units instead of single weights.
-  """
-  method: str = 'magnitude'
-  norm: str = 'l1'                      # 'l1' or 'l2' (magnitude and structured scores)
-  sparsity: float = 0.5                 # final fraction of prunable weights removed
-  scope: str = 'layer'                  # 'layer': each parameter (and stacked layer) alone;
-                                        # 'global': one ranking over all prunable parameters
-  nm: str = ''                          # e.g. '2:4': keep N of every M along the input dim
-  units: str = 'both'                   # structured: 'heads', 'neurons' or 'both'
-  tie_relpos_heads: bool = True         # structured: self-attention heads of a stack that shares
-                                        # one relative-bias table are kept/removed in all layers
-  structured_gradients: bool = False
-  greedy_neuron_group: int = 0          # greedy: FFN neurons per unit; 0: as many weights as a head
-  include: tuple[str, ...] = DEFAULT_INCLUDE
-  exclude: tuple[str, ...] = ()
-  # Gradual pruning (Zhu & Gupta 2017): s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0))^power,
-  # masks recomputed every `update_every` steps in [begin_step, end_step], then frozen.
-  initial_sparsity: float = 0.0
-  begin_step: int = 0
-  end_step: int = 1000
-  update_every: int = 100
-  power: float = 3.0
-
-  def __post_init__(self):
-    _check_choice('prune.method', self.method, METHODS)
-    _check_choice('prune.norm', self.norm, ('l1', 'l2'))
-    _check_choice('prune.scope', self.scope, ('layer', 'global'))
-    _check_choice('prune.units', self.units, ('heads', 'neurons', 'both'))
-    for f in ('sparsity', 'initial_sparsity'):
-      if not 0.0 <= getattr(self, f) < 1.0:
-        raise ConfigError(f'prune.{f} must be in [0, 1), got {getattr(self, f)}')
-    if self.nm:
-      parse_nm(self.nm)
-    if self.update_every <= 0 or self.begin_step < 0 or self.end_step < self.begin_step:
-      raise ConfigError('prune: need update_every > 0 and 0 <= begin_step <= end_step, got '
-                        f'{self.update_every}, {self.begin_step}, {self.end_step}')
-    if self.greedy_neuron_group < 0:
-      raise ConfigError('prune.greedy_neuron_group must be >= 0')
-    for f in ('include', 'exclude'):
-      if isinstance(getattr(self, f), str):
-        raise ConfigError(f'prune.{f} must be a sequence of regexes, not a string')
-      for p in getattr(self, f):
-        try:
-          re.compile(p)
-        except re.error as e:
-          raise ConfigError(f'prune.{f}: invalid regex {p!r}: {e}') from None
-
-
-def parse_nm(nm: str) -> tuple[int, int]:
-  try:
-    n, m = (int(v) for v in nm.split(':'))
-  except ValueError:
-    raise ConfigError(f"prune.nm={nm!r} is not 'N:M' (e.g. '2:4')") from None
-  if not 0 < n < m:
-    raise ConfigError(f'prune.nm={nm!r} needs 0 < N < M')
-  return n, m
-
-
-# ----------------------------------------------------------------------------- trees
-
-def flatten(tree) -> tuple[dict[str, Any], Any]:
-  """({path: leaf}, treedef) of a pytree; `unflatten` inverts it."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  return {param_path(p): x for p, x in leaves}, treedef
-
-
-def unflatten(flat: Mapping[str, Any], treedef) -> Any:
-  return jax.tree_util.tree_unflatten(treedef, list(flat.values()))
-
+# ----------------------------------------------------------------------------- selection
 
 def prunable(params, cfg: PruneConfig = PruneConfig()) -> list[str]:
   """Paths of the parameters `cfg` may prune (an error if the regexes select none)."""
   inc = [re.compile(p) for p in cfg.include]
   exc = [re.compile(p) for p in tuple(cfg.exclude) + NEVER_PRUNE]
-  flat, _ = flatten(params)
+  flat = traverse_util.flatten_dict(params, sep='/')
   names = [k for k in flat if any(r.search(k) for r in inc) and not any(r.search(k) for r in exc)]
   if not names:
     raise ConfigError(f'prune.include={cfg.include} / exclude={cfg.exclude} select no parameter; '
@@ -145,7 +68,7 @@ def apply_masks(params, masks):
 
 def sparsity(masks, names: Iterable[str] | None = None) -> dict[str, float]:
   """{'total': fraction pruned over `names` (default: every parameter), path: fraction, ...}."""
-  flat, _ = flatten(masks)
+  flat = traverse_util.flatten_dict(masks, sep='/')
   names = list(flat) if names is None else list(names)
   out, pruned, total = {}, 0, 0
   for k in names:
@@ -188,7 +111,7 @@ def prune_lowest(scores, k, sizes=None):
 def magnitude_scores(params, cfg: PruneConfig = PruneConfig()) -> dict[str, jax.Array]:
   """{path: |w| (norm='l1') or w^2 ('l2')} over the prunable parameters (same ranking per
   parameter; they differ once summed into groups)."""
-  flat, _ = flatten(params)
+  flat = traverse_util.flatten_dict(params, sep='/')
   f = jnp.abs if cfg.norm == 'l1' else jnp.square
   return {k: f(flat[k].astype(jnp.float32)) for k in prunable(params, cfg)}
 
@@ -215,7 +138,7 @@ def unit_members(flat: Mapping[str, Any], module: str) -> list[tuple[str, int]]:
 
 def unit_modules(params, cfg: PruneConfig = PruneConfig()) -> list[str]:
   """Attention / MLP modules whose every kernel is prunable under `cfg` (and `cfg.units`)."""
-  flat, _ = flatten(params)
+  flat = traverse_util.flatten_dict(params, sep='/')
   ok = set(prunable(params, cfg))
   mods = []
   if cfg.units in ('heads', 'both'):
@@ -233,7 +156,7 @@ def _unit_view(x, axis: int):
 
 def aggregate_units(tree, modules: Iterable[str], how: str) -> dict[str, jax.Array]:
   """{module: [L, U]}: per unit, 'l1' (sum |x|), 'l2' (sqrt sum x^2) or 'sum' of its weights."""
-  flat, _ = flatten(tree)
+  flat = traverse_util.flatten_dict(tree, sep='/')
   out = {}
   for mod in modules:
     total = 0.0
@@ -270,7 +193,7 @@ def gradient_scores(params, loss_fn: Callable, batches: Iterable, cfg: PruneConf
     wg = jax.tree.map(lambda w, g: w.astype(jnp.float32) * g.astype(jnp.float32), params, g)
     if modules is not None:
       return {k: jnp.abs(v) for k, v in aggregate_units(wg, modules, 'sum').items()}
-    flat, _ = flatten(wg)
+    flat = traverse_util.flatten_dict(wg, sep='/')
     return {k: jnp.abs(flat[k]) for k in names}
 
   acc, n = None, 0
@@ -317,8 +240,8 @@ def unstructured_masks(params, scores: Mapping[str, jax.Array], fraction,
   """Masks that drop exactly round(fraction * n) weights: per parameter and stacked layer
   (scope 'layer') or over all scored parameters at once ('global'). Weights already masked in
   `prev_masks` score lowest, so masks only grow. `fraction` may be traced."""
-  flat, treedef = flatten(params)
-  prev = flatten(prev_masks)[0] if prev_masks is not None else {}
+  flat = traverse_util.flatten_dict(params, sep='/')
+  prev = traverse_util.flatten_dict(prev_masks, sep='/') if prev_masks is not None else {}
   s = {}
   for k, v in scores.items():
     v = jnp.asarray(v, jnp.float32)
@@ -336,7 +259,7 @@ def unstructured_masks(params, scores: Mapping[str, jax.Array], fraction,
     for k in names:
       masks[k] = keep[off:off + s[k].size].reshape(s[k].shape)
       off += s[k].size
-  return unflatten(masks, treedef)
+  return traverse_util.unflatten_dict(masks, sep='/')
 
 
 def nm_input_axes(name: str, ndim: int) -> tuple[int, ...]:
@@ -354,8 +277,8 @@ def nm_masks(params, scores: Mapping[str, jax.Array], nm: str, prev_masks=None):
   layer) the N highest scores are kept. An error names a parameter whose input dimension M does not
   divide."""
   n, m = parse_nm(nm)
-  flat, treedef = flatten(params)
-  prev = flatten(prev_masks)[0] if prev_masks is not None else {}
+  flat = traverse_util.flatten_dict(params, sep='/')
+  prev = traverse_util.flatten_dict(prev_masks, sep='/') if prev_masks is not None else {}
   masks = {k: jnp.ones(v.shape, bool) for k, v in flat.items()}
   for k, v in scores.items():
     v = jnp.asarray(v, jnp.float32)
@@ -372,13 +295,13 @@ def nm_masks(params, scores: Mapping[str, jax.Array], nm: str, prev_masks=None):
     g = t.reshape(t.shape[:len(rest)] + (size // m, m))
     keep = prune_lowest(g, m - n).reshape(t.shape)
     masks[k] = jnp.transpose(keep, np.argsort(rest + list(axes)))
-  return unflatten(masks, treedef)
+  return traverse_util.unflatten_dict(masks, sep='/')
 
 
 def relpos_tied_modules(params, modules: Iterable[str]) -> list[str]:
   """Self-attention modules whose stack has a relative-position bias table (shared by its layers):
   their heads are tied across layers for a surgery that slices that table."""
-  flat, _ = flatten(params)
+  flat = traverse_util.flatten_dict(params, sep='/')
   out = []
   for mod in modules:
     stack = mod.split('/stack/')[0]
@@ -399,7 +322,7 @@ def structured_unit_masks(params, scores: Mapping[str, jax.Array], fraction,
   `prev` (unit masks) marks units already removed; they stay removed. `fraction` may be traced.
   """
   tied = set(relpos_tied_modules(params, scores)) if cfg.tie_relpos_heads else set()
-  flat, _ = flatten(params)
+  flat = traverse_util.flatten_dict(params, sep='/')
   items = {}
   for mod, s in scores.items():
     s = jnp.asarray(s, jnp.float32)
@@ -434,16 +357,17 @@ def structured_unit_masks(params, scores: Mapping[str, jax.Array], fraction,
 def expand_unit_masks(params, unit_masks: Mapping[str, jax.Array], base=None):
   """Parameter masks (tree) from unit masks: a removed head / neuron is zero in every kernel it
   spans. `base` (a mask tree) is intersected."""
-  flat, treedef = flatten(params)
-  masks = flatten(base)[0] if base is not None else {k: jnp.ones(v.shape, bool)
-                                                     for k, v in flat.items()}
-  masks = dict(masks)
+  flat = traverse_util.flatten_dict(params, sep='/')
+  if base is None:
+    masks = {k: jnp.ones(v.shape, bool) for k, v in flat.items()}
+  else:
+    masks = dict(traverse_util.flatten_dict(base, sep='/'))
   for mod, um in unit_masks.items():
     for path, axis in unit_members(flat, mod):
       shape = [1] * flat[path].ndim
       shape[0], shape[axis] = um.shape
       masks[path] = masks[path] & jnp.broadcast_to(um.reshape(shape), flat[path].shape)
-  return unflatten(masks, treedef)
+  return traverse_util.unflatten_dict(masks, sep='/')
 
 
 def unit_masks_of(params, masks, modules: Iterable[str] | None = None) -> dict[str, jax.Array]:
@@ -451,8 +375,8 @@ def unit_masks_of(params, masks, modules: Iterable[str] | None = None) -> dict[s
 
   A head is removed when its value or out slice is entirely masked; a neuron when its wo row or any
   wi column is (relu / gelu / silu of 0 is 0). Both are exact removals."""
-  flat, _ = flatten(params)
-  mflat, _ = flatten(masks)
+  flat = traverse_util.flatten_dict(params, sep='/')
+  mflat = traverse_util.flatten_dict(masks, sep='/')
   modules = list(attention_modules(flat)) + list(mlp_modules(flat)) if modules is None else modules
   out = {}
   for mod in modules:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from t5like.compress import prune
 from t5like.config import ConfigError, ModelConfig
@@ -31,8 +32,8 @@ def _layers_of(path: str, cfg: ModelConfig) -> int:
 
 def _check(params, cfg: ModelConfig, where: str):
   from t5like.models import abstract_params
-  want, _ = prune.flatten(abstract_params(cfg))
-  got, _ = prune.flatten(params)
+  want = traverse_util.flatten_dict(abstract_params(cfg), sep='/')
+  got = traverse_util.flatten_dict(params, sep='/')
   for k in set(want) | set(got):
     if k not in want or k not in got or tuple(want[k].shape) != tuple(got[k].shape):
       raise ValueError(f"{where}: parameter '{k}' has shape "
@@ -44,7 +45,7 @@ def unshare_layers(params, cfg: ModelConfig):
   """(params with one set of weights per layer, cfg with shared_layer_groups=0); exact."""
   if not cfg.shared_layer_groups:
     return params, cfg
-  flat, treedef = prune.flatten(params)
+  flat = traverse_util.flatten_dict(params, sep='/')
   out = {}
   for k, v in flat.items():
     if STACKED in '/' + k:
@@ -55,7 +56,7 @@ def unshare_layers(params, cfg: ModelConfig):
       v = jnp.repeat(v, L // G, axis=0)
     out[k] = v
   new_cfg = cfg.replace(shared_layer_groups=0)
-  new = prune.unflatten(out, treedef)
+  new = traverse_util.unflatten_dict(out, sep='/')
   _check(new, new_cfg, 'unshare_layers')
   return new, new_cfg
 
@@ -72,7 +73,7 @@ def share_layers(params, cfg: ModelConfig, groups: int, method: str = 'mean'):
   if groups == 0:
     return params, cfg
   new_cfg = cfg.replace(shared_layer_groups=groups)   # validates that groups divides L
-  flat, treedef = prune.flatten(params)
+  flat = traverse_util.flatten_dict(params, sep='/')
   out = {}
   for k, v in flat.items():
     if STACKED in '/' + k:
@@ -80,7 +81,7 @@ def share_layers(params, cfg: ModelConfig, groups: int, method: str = 'mean'):
       v = v.reshape((groups, L // groups) + v.shape[1:])
       v = v.mean(axis=1).astype(v.dtype) if method == 'mean' else v[:, 0]
     out[k] = v
-  new = prune.unflatten(out, treedef)
+  new = traverse_util.unflatten_dict(out, sep='/')
   _check(new, new_cfg, 'share_layers')
   return new, new_cfg
 
@@ -135,7 +136,7 @@ def untie_output_embedding(params, cfg: ModelConfig):
 def shared_param_savings(cfg: ModelConfig, groups: int) -> int:
   """How many parameters `share_layers(..., groups)` removes from an unshared model of `cfg`."""
   from t5like.models import abstract_params
-  flat, _ = prune.flatten(abstract_params(cfg.replace(shared_layer_groups=0)))
+  flat = traverse_util.flatten_dict(abstract_params(cfg.replace(shared_layer_groups=0)), sep='/')
   saved = 0
   for k, v in flat.items():
     if STACKED in '/' + k:

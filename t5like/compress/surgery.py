@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from t5like.compress import prune
 from t5like.config import ModelConfig
@@ -43,11 +44,11 @@ def _gather(x, idx_LK: np.ndarray, axis: int):
 def shrink(params, masks, cfg: ModelConfig):
   """(smaller params, ModelConfig with fewer heads / smaller d_ff, report); see module docstring."""
   from t5like.models import abstract_params, param_count
-  if cfg.weight_quant != 'none':
+  if cfg.quant.weights != 'none':
     raise ValueError('surgery.shrink needs float weights; shrink before quantising '
-                     f'(model.weight_quant={cfg.weight_quant!r})')
+                     f'(model.quant.weights={cfg.quant.weights!r})')
   params = prune.apply_masks(params, masks)
-  flat, treedef = prune.flatten(params)
+  flat = traverse_util.flatten_dict(params, sep='/')
   attn, mlp = prune.attention_modules(flat), prune.mlp_modules(flat)
   present = {m: np.asarray(v) for m, v in prune.unit_masks_of(params, masks, attn + mlp).items()}
   tied = set(prune.relpos_tied_modules(params, attn))
@@ -73,9 +74,9 @@ def shrink(params, masks, cfg: ModelConfig):
       table = f"{mod.split('/stack/')[0]}/relpos_bias/rel_embedding"
       new[table] = jnp.take(flat[table], jnp.asarray(idx[0]), axis=0)
   new_cfg = cfg.replace(num_heads=k_heads, d_ff=k_ff)
-  new_params = prune.unflatten(new, treedef)
-  expected, _ = prune.flatten(abstract_params(new_cfg))
-  for k, v in prune.flatten(new_params)[0].items():
+  new_params = traverse_util.unflatten_dict(new, sep='/')
+  expected = traverse_util.flatten_dict(abstract_params(new_cfg), sep='/')
+  for k, v in traverse_util.flatten_dict(new_params, sep='/').items():
     if k not in expected or tuple(expected[k].shape) != tuple(v.shape):
       raise ValueError(f"surgery produced parameter '{k}' of shape {v.shape}, but a model of "
                        f'num_heads={k_heads}, d_ff={k_ff} has '

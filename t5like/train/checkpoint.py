@@ -14,6 +14,9 @@ Restoring checks compatibility before touching arrays: a checkpoint whose saved 
 differs from the run's is a `CheckpointError` naming the checkpoint and the differing keys; a
 checkpoint that cannot be read (corrupt, incomplete, other shapes) is a `CheckpointError` naming
 it. Nothing is ever written over it: the run stops before its first step.
+
+`restore_params(workdir, step)` is the one way to read a trained model back out of a workdir
+(bundles, fine-tuning, experiments): the params alone, as host arrays, whatever mesh saved them.
 """
 from __future__ import annotations
 
@@ -21,11 +24,15 @@ import logging
 import os
 from typing import Any, Mapping
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as ocm
 
 VAL_METRIC = 'val_loss'
 ITEMS = ('state', 'data', 'config')
+CHECKPOINT_DIR = 'checkpoints'   # a training workdir's checkpoint folder
 
 
 class _NoMetricsFilter(logging.Filter):
@@ -45,15 +52,10 @@ class CheckpointError(RuntimeError):
   """A checkpoint cannot be used by this run; the message names it and how to proceed."""
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    key = f'{prefix}.{k}' if prefix else k
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, key))
-    else:
-      out[key] = list(v) if isinstance(v, tuple) else v
-  return out
+def _flatten(d: Mapping[str, Any]) -> dict[str, Any]:
+  """{dotted key: value} of a nested config dict (tuples as lists, as JSON gives them back)."""
+  return {k: list(v) if isinstance(v, tuple) else v
+          for k, v in traverse_util.flatten_dict(dict(d), sep='.').items()}
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
@@ -146,3 +148,56 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def restore_params(workdir: str, step: int | str | None = None) -> tuple[Any, dict[str, Any], int]:
+  """(params as host numpy arrays, the config saved with them, step) of a training workdir.
+
+  `step`: None or 'latest' (the latest checkpoint), 'best' (lowest validation loss) or a step
+  number. Only the parameters are restored, onto the host CPU, whatever mesh the run was saved
+  from; a missing or unreadable checkpoint is a CheckpointError naming it.
+  """
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    raise CheckpointError(f'{workdir} has no {CHECKPOINT_DIR}/ folder; is it a t5like training '
+                          'workdir?')
+  ckpt = Checkpointer(directory, async_save=False, keep_best=0)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise CheckpointError(f'{directory} holds no checkpoint; train first or point at another '
+                            'workdir')
+    if step in (None, 'latest'):
+      step = steps[-1]
+    elif step == 'best':
+      step = ckpt.best_step()
+      if step is None:
+        raise CheckpointError(f'{directory} has no checkpoint saved with a validation loss; use '
+                              "step='latest'")
+    else:
+      try:
+        step = int(step)
+      except (TypeError, ValueError):
+        raise CheckpointError(f"checkpoint step {step!r} is not valid; use 'latest', 'best' or a "
+                              'step number') from None
+      if step not in steps:
+        raise CheckpointError(f'{directory} has no step {step}; it has {steps}')
+    config = ckpt.read_config(step)
+    try:
+      # The saved tree's shapes and dtypes, read without restoring (and without the run's mesh).
+      meta = ocp.StandardCheckpointer().metadata(os.path.join(ckpt.path(step), 'state'))
+      meta = getattr(meta, 'item_metadata', meta)
+      meta = getattr(meta, 'tree', meta)
+      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                            dict(meta), is_leaf=lambda x: hasattr(x, 'shape'))
+      out = ckpt.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))
+    except Exception as e:  # orbax / tensorstore errors all mean "unreadable"
+      raise CheckpointError(f'checkpoint {ckpt.path(step)} cannot be read ({type(e).__name__}: '
+                            f'{str(e)[:300]}); it is corrupt or incomplete') from e
+    state = out['state']
+    params = state['params'] if isinstance(state, Mapping) else state.params
+    return jax.tree.map(np.asarray, params), config, step
+  finally:
+    ckpt.close()

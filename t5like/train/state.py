@@ -53,6 +53,14 @@ def boxed_state_shape(model_cfg: ModelConfig, tx: optax.GradientTransformation):
   return jax.eval_shape(functools.partial(_init_boxed, model_cfg, tx), jax.random.PRNGKey(0))
 
 
+def params_shardings(model_cfg: ModelConfig, mesh: Mesh, rules):
+  """NamedShardings of a model's (unboxed) params, by their logical axis names (e.g. to place a
+  frozen teacher like the model it is)."""
+  boxed = jax.eval_shape(lambda rng: build_model(model_cfg).init(rng, *dummy_inputs(model_cfg)),
+                         jax.random.PRNGKey(0))['params']
+  return partition.logical_shardings(boxed, mesh, rules)
+
+
 def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rules):
   """NamedShardings of every leaf of the (unboxed) train state."""
   return partition.logical_shardings(boxed_state_shape(model_cfg, tx), mesh, rules)

@@ -1,28 +1,32 @@
-"""Pure training and evaluation steps, and their jitted, sharded forms.
+"""Pure training and evaluation steps, their jitted, sharded forms, and the pluggable loss.
 
-  train_step(state, batch, *, model, tx, schedule=None, label_smoothing=0.0, z_loss=0.0,
-             grad_accum_steps=1) -> (state, metrics)
+  train_step(state, batch, extra=None, *, model, tx, loss=None, schedule=None,
+             label_smoothing=0.0, z_loss=0.0, grad_accum_steps=1) -> (state, metrics)
   eval_step(params, batch, *, model) -> sums {'loss_sum', 'correct_sum', 'weight_sum'}
   jit_train_step(...), jit_eval_step(...): the same, jitted with explicit in/out shardings and the
-  state donated. Call them under `mesh_context(mesh, rules)` so that the models' logical
-  activation constraints resolve to mesh axes.
+  state donated. Call them under `mesh_context(mesh, rules, mesh_cfg)` so that the models' logical
+  activation constraints resolve to mesh axes (and a mesh with stages runs its pipeline).
 
 Batches are dicts with T5X's key names (see t5like/data/pipeline.py); segment ids and positions
-are optional (without them the encoder's padding mask comes from token id 0).
+are optional (without them the encoder's padding mask comes from token id 0). `model_args` is the
+one place that turns such a batch into `model.apply` arguments.
 
-The loss is the loss-weighted mean token cross-entropy over the whole global batch, optionally
-with label smoothing (T5X's normalising constant, so a perfect prediction scores 0) and z-loss
-(`z_loss * log(Z)^2`, PaLM / T5X). Gradient accumulation splits the batch into
+What a step minimises is a `Loss`: the default, `cross_entropy_loss`, is the token cross-entropy,
+optionally with label smoothing (T5X's normalising constant, so a perfect prediction scores 0) and
+z-loss (`z_loss * log(Z)^2`, PaLM / T5X). Techniques that train (distillation) pass their own
+`Loss`, and the step's `extra` argument carries what it needs besides the batch (teacher params).
+A loss returns *sums* over the weighted target tokens of its (micro)batch; the step divides every
+sum by the loss weight of the whole batch. Gradient accumulation splits the batch into
 `grad_accum_steps` microbatches (row i goes to microbatch i mod M, so every device keeps its share)
-and sums their gradients in a `lax.scan`; each microbatch's loss is divided by the weight of the
-*whole* batch, so the accumulated gradient equals the big-batch gradient exactly.
+and sums their gradients in a `lax.scan`; since each microbatch's sums are divided by the weight of
+the *whole* batch, the accumulated gradient equals the big-batch gradient exactly.
 
 Per-step randomness (dropout) is `jax.random.fold_in(state.rng, state.step)`, then folded with the
 microbatch index, so a resumed run draws the same masks as an uninterrupted one.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
 from typing import Any, Callable, Mapping
 
@@ -33,11 +37,33 @@ import optax
 from jax.sharding import Mesh
 
 from t5like import precision
+from t5like.config import ModelConfig
 from t5like.optim import adaptive
 from t5like.parallel import partition
+from t5like.parallel.mesh import activate as mesh_context
 from t5like.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
+# Sums over a (micro)batch's weighted target tokens: (what the gradient is taken of, metric sums).
+LossSums = tuple[jax.Array, dict[str, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """What a training step minimises.
+
+  fn(model, params, batch, rng, extra) -> (objective_sum, metric_sums): sums over the weighted
+    target tokens of `batch` (a microbatch under gradient accumulation). The step takes the
+    gradient of objective_sum / W and reports metric_sums[k] / W as metric k, where W is the loss
+    weight of the whole batch (`loss_weights`); 'loss' and 'accuracy' are expected among the
+    metrics. `rng` is this microbatch's dropout key; `extra` is the step's extra input (None
+    unless the technique gives one, e.g. the teacher's params).
+  prepare(batch, extra) -> batch: optional; runs once per step on the whole batch, outside the
+    gradient and before the microbatch split (e.g. the teacher's decoding). Keys it adds need a
+    leading batch axis.
+  """
+  fn: Callable[..., LossSums]
+  prepare: Callable[[Batch, Any], Batch] | None = None
 
 
 def cross_entropy_sums(logits_BTV, targets_BT, weights_BT, label_smoothing: float = 0.0,
@@ -68,28 +94,40 @@ def cross_entropy_sums(logits_BTV, targets_BT, weights_BT, label_smoothing: floa
   return jnp.sum(nll_BT * w), jnp.sum(z_BT * w), jnp.sum(correct_BT * w)
 
 
+def model_args(cfg: ModelConfig, batch: Batch) -> tuple[tuple, dict]:
+  """(positional, keyword) arguments of `model.apply` for a batch dict of T5X keys."""
+  kw = {k: batch.get(k) for k in ('decoder_segment_ids', 'decoder_positions')}
+  if cfg.is_encdec:
+    kw.update(encoder_segment_ids=batch.get('encoder_segment_ids'),
+              encoder_positions=batch.get('encoder_positions'))
+    return (batch['encoder_input_tokens'], batch['decoder_input_tokens']), kw
+  return (batch['decoder_input_tokens'],), kw
+
+
 def apply_model(model: nn.Module, params, batch: Batch, *, deterministic: bool, rng=None):
-  """Teacher-forced logits [B, T, V] (float32) of `batch`."""
-  get = batch.get
+  """Teacher-forced logits [B, T, V] of `batch`."""
   rngs = None if deterministic or rng is None else {'dropout': rng}
-  if model.cfg.is_encdec:
-    return model.apply({'params': params}, batch['encoder_input_tokens'],
-                       batch['decoder_input_tokens'],
-                       encoder_segment_ids=get('encoder_segment_ids'),
-                       decoder_segment_ids=get('decoder_segment_ids'),
-                       encoder_positions=get('encoder_positions'),
-                       decoder_positions=get('decoder_positions'),
-                       deterministic=deterministic, rngs=rngs)
-  return model.apply({'params': params}, batch['decoder_input_tokens'],
-                     decoder_segment_ids=get('decoder_segment_ids'),
-                     decoder_positions=get('decoder_positions'),
-                     deterministic=deterministic, rngs=rngs)
+  args, kw = model_args(model.cfg, batch)
+  return model.apply({'params': params}, *args, **kw, deterministic=deterministic, rngs=rngs)
 
 
-def _loss_weights(batch: Batch):
+def loss_weights(batch: Batch):
+  """[B, T] float32 weight of each target token: `decoder_loss_weights`, else target != 0."""
   if 'decoder_loss_weights' in batch:
     return batch['decoder_loss_weights'].astype(jnp.float32)
   return (batch['decoder_target_tokens'] != 0).astype(jnp.float32)
+
+
+def cross_entropy_loss(label_smoothing: float = 0.0, z_loss: float = 0.0) -> Loss:
+  """The default `Loss`: token cross-entropy (+ z-loss). Metrics 'loss' (without z-loss),
+  'z_loss', 'accuracy'."""
+  def fn(model, params, batch, rng, extra):
+    del extra
+    logits = apply_model(model, params, batch, deterministic=False, rng=rng)
+    ce, zl, correct = cross_entropy_sums(logits, batch['decoder_target_tokens'],
+                                         loss_weights(batch), label_smoothing, z_loss)
+    return ce + zl, {'loss': ce, 'z_loss': zl, 'accuracy': correct}
+  return Loss(fn)
 
 
 def _split_microbatches(batch: Batch, num: int) -> Batch:
@@ -103,29 +141,31 @@ def _split_microbatches(batch: Batch, num: int) -> Batch:
   return jax.tree.map(split, dict(batch))
 
 
-def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: Callable | None = None,
-               label_smoothing: float = 0.0, z_loss: float = 0.0,
+def train_step(state: TrainState, batch: Batch, extra: Any = None, *, model: nn.Module,
+               tx: optax.GradientTransformation, loss: Loss | None = None,
+               schedule: Callable | None = None, label_smoothing: float = 0.0,
+               z_loss: float = 0.0,
                grad_accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on `batch`; returns the new state and scalar metrics.
 
-  Metrics: 'loss' (weighted mean cross-entropy, without z-loss), 'z_loss', 'accuracy',
-  'grad_norm' (global norm before clipping), 'learning_rate' (of this update, when `schedule` is
-  given), 'tokens' (sum of loss weights: the target tokens trained on), 'loss_scale', for
-  'fp16', 'skipped' (overflowing steps so far), and, when the optimizer has them
-  (`t5like.optim.adaptive`), 'skipped_steps' (updates skipped on gradient-norm spikes so far),
-  'lr_grad_scale' and 'lr_plateau_scale'.
+  `loss` defaults to `cross_entropy_loss(label_smoothing, z_loss)`; `extra` is passed to it.
+  Metrics: the loss's (for the default: 'loss', 'z_loss', 'accuracy'), 'grad_norm' (global norm
+  before clipping), 'learning_rate' (of this update, when `schedule` is given), 'tokens' (sum of
+  loss weights: the target tokens trained on), 'loss_scale', for 'fp16', 'skipped' (overflowing
+  steps so far), and, when the optimizer has them (`t5like.optim.adaptive`), 'skipped_steps'
+  (updates skipped on gradient-norm spikes so far), 'lr_grad_scale' and 'lr_plateau_scale'.
   """
-  weights = _loss_weights(batch)
+  loss = loss or cross_entropy_loss(label_smoothing, z_loss)
+  if loss.prepare is not None:
+    batch = loss.prepare(batch, extra)
+  weights = loss_weights(batch)
   total_weight = jnp.maximum(jnp.sum(weights), 1.0)
   step_rng = jax.random.fold_in(state.rng, state.step)
   ls = state.loss_scale
 
   def loss_fn(params, mb, rng):
-    logits = apply_model(model, params, mb, deterministic=False, rng=rng)
-    ce, zl, correct = cross_entropy_sums(logits, mb['decoder_target_tokens'], _loss_weights(mb),
-                                         label_smoothing, z_loss)
-    return ls.scale((ce + zl) / total_weight), (ce, zl, correct)
+    objective, sums = loss.fn(model, params, mb, rng, extra)
+    return ls.scale(objective / total_weight), sums
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
   if grad_accum_steps == 1:
@@ -138,22 +178,24 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
       g, s = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))
       return jax.tree.map(jnp.add, carry, (g, s)), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.zeros([], jnp.float32),) * 3)
+    first = jax.tree.map(lambda x: x[0], micro)
+    sums_shape = jax.eval_shape(lambda: grad_fn(state.params, first, step_rng)[1])
+    zeros = (jax.tree.map(jnp.zeros_like, state.params),
+             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
     (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
   grads = ls.unscale(grads)
-  ce, zl, correct = sums
 
-  metrics = {'loss': ce / total_weight, 'z_loss': zl / total_weight,
-             'accuracy': correct / total_weight, 'grad_norm': optax.global_norm(grads),
-             'tokens': jnp.sum(weights), 'loss_scale': ls.loss_scale}
+  metrics = {k: v / total_weight for k, v in sums.items()}
+  metrics.update(grad_norm=optax.global_norm(grads), tokens=jnp.sum(weights),
+                 loss_scale=ls.loss_scale)
   return apply_gradients(state, grads, tx, metrics, schedule)
 
 
 def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation,
                     metrics: dict[str, jax.Array], schedule: Callable | None = None):
-  """The update shared by every training step (also distillation's): the optimizer step, an fp16
-  overflow skip (params and optimizer state kept, loss scale adjusted), and the optimizer's own
-  metrics. `grads` are unscaled. Returns (new state, metrics with those added)."""
+  """The update after the gradient: the optimizer step, an fp16 overflow skip (params and
+  optimizer state kept, loss scale adjusted), and the optimizer's own metrics. `grads` are
+  unscaled. Returns (new state, metrics with those added)."""
   metrics = dict(metrics)
   ls = state.loss_scale
   if schedule is not None:
@@ -180,7 +222,7 @@ def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation,
 def eval_step(params, batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
   """Sums over the batch's weighted target tokens: 'loss_sum', 'correct_sum', 'weight_sum'."""
   logits = apply_model(model, params, batch, deterministic=True)
-  weights = _loss_weights(batch)
+  weights = loss_weights(batch)
   ce, _, correct = cross_entropy_sums(logits, batch['decoder_target_tokens'], weights)
   return {'loss_sum': ce, 'correct_sum': correct, 'weight_sum': jnp.sum(weights)}
 
@@ -191,14 +233,21 @@ def batch_shardings(mesh: Mesh, batch_like: Mapping[str, Any]):
 
 
 def jit_train_step(*, model: nn.Module, tx: optax.GradientTransformation, state_shardings,
-                   batch_shardings: Mapping[str, Any], mesh: Mesh,
-                   schedule: Callable | None = None, label_smoothing: float = 0.0,
-                   z_loss: float = 0.0, grad_accum_steps: int = 1):
-  """`train_step` jitted with explicit shardings; the input state is donated."""
-  fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                   batch_shardings: Mapping[str, Any], mesh: Mesh, loss: Loss | None = None,
+                   extra_shardings: Any = None, schedule: Callable | None = None,
+                   label_smoothing: float = 0.0, z_loss: float = 0.0, grad_accum_steps: int = 1):
+  """`train_step` jitted with explicit shardings; the input state is donated.
+
+  Called as fn(state, batch), or fn(state, batch, extra) when `extra_shardings` (a sharding per
+  leaf of the extra input, or one for all) is given; the extra input is not donated.
+  """
+  fn = functools.partial(train_step, model=model, tx=tx, loss=loss, schedule=schedule,
                          label_smoothing=label_smoothing, z_loss=z_loss,
                          grad_accum_steps=grad_accum_steps)
-  return jax.jit(fn, in_shardings=(state_shardings, dict(batch_shardings)),
+  in_shardings = (state_shardings, dict(batch_shardings))
+  if extra_shardings is not None:
+    in_shardings += (extra_shardings,)
+  return jax.jit(fn, in_shardings=in_shardings,
                  out_shardings=(state_shardings, partition.replicated(mesh)), donate_argnums=0)
 
 
@@ -208,12 +257,3 @@ def jit_eval_step(*, model: nn.Module, params_shardings, batch_shardings: Mappin
   return jax.jit(functools.partial(eval_step, model=model),
                  in_shardings=(params_shardings, dict(batch_shardings)),
                  out_shardings=partition.replicated(mesh))
-
-
-@contextlib.contextmanager
-def mesh_context(mesh: Mesh, rules, mesh_cfg=None):
-  """The mesh (jax.set_mesh), the logical-axis rules the models' activation constraints resolve
-  against, and the pipeline schedule when the mesh has stages (t5like.parallel.mesh.activate)."""
-  from t5like.parallel import mesh as mesh_lib
-  with mesh_lib.activate(mesh, rules, mesh_cfg):
-    yield

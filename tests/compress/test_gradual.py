@@ -4,10 +4,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
 from t5like.compress import gradual, prune
 from t5like.config import ConfigError, OptimConfig, get_variant
 from prune_testutil import lm_batch, random_params
+
+
+def _flat(tree):
+  return traverse_util.flatten_dict(tree, sep='/')
 from t5like.optim.optimizers import make_optimizer
 
 
@@ -47,7 +52,7 @@ def test_masked_weights_stay_zero_through_training(method, optim):
     losses.append(float(loss))
     masks = gradual.masks_of(state)
     seen.append(prune.sparsity(masks, names)['total'])
-    pf, mf = prune.flatten(params)[0], prune.flatten(masks)[0]
+    pf, mf = _flat(params), _flat(masks)
     for k in names:
       assert np.all(np.asarray(pf[k])[~np.asarray(mf[k])] == 0.0), (t, k)
   assert seen[0] == 0.0 and seen == sorted(seen)

@@ -3,10 +3,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from t5like.compress import prune
 from t5like.config import ConfigError, get_variant
 from prune_testutil import lm_batch, random_params
+
+
+def _flat(tree):
+  return traverse_util.flatten_dict(tree, sep='/')
 
 
 @pytest.fixture(scope='module')
@@ -33,7 +38,7 @@ def test_prunable_selection_defaults_and_regex(params):
 def test_layerwise_magnitude_exact_per_parameter_and_layer(params, fraction):
   cfg = prune.PruneConfig(sparsity=fraction)
   masks = prune.compute_masks(params, cfg)
-  flat, mflat = prune.flatten(params)[0], prune.flatten(masks)[0]
+  flat, mflat = _flat(params), _flat(masks)
   for k in prune.prunable(params, cfg):
     m = np.asarray(mflat[k]).reshape(flat[k].shape[0], -1)
     w = np.abs(np.asarray(flat[k])).reshape(m.shape)
@@ -48,7 +53,7 @@ def test_global_magnitude_exact_and_one_threshold(params):
   cfg = prune.PruneConfig(sparsity=0.7, scope='global', norm='l2')
   masks = prune.compute_masks(params, cfg)
   names = prune.prunable(params, cfg)
-  flat, mflat = prune.flatten(params)[0], prune.flatten(masks)[0]
+  flat, mflat = _flat(params), _flat(masks)
   w = np.concatenate([np.abs(np.asarray(flat[k])).ravel() for k in names])
   m = np.concatenate([np.asarray(mflat[k]).ravel() for k in names])
   assert (~m).sum() == round(0.7 * m.size)
@@ -69,7 +74,7 @@ def test_nm_pattern_in_every_group(params, nm):
   n, m = prune.parse_nm(nm)
   cfg = prune.PruneConfig(nm=nm, include=(r'/stack/layers/layer/.*/kernel$', r'lm_head'))
   masks = prune.compute_masks(params, cfg)
-  flat, mflat = prune.flatten(params)[0], prune.flatten(masks)[0]
+  flat, mflat = _flat(params), _flat(masks)
   for k in prune.prunable(params, cfg):
     axes = prune.nm_input_axes(k, flat[k].ndim)
     rest = [a for a in range(flat[k].ndim) if a not in axes]
@@ -125,8 +130,8 @@ def test_gradient_scores_taylor_snip(params):
   grad = jax.jit(jax.grad(loss_fn))
   scores = prune.gradient_scores(params, loss_fn, batches, cfg, grad)
   k = 'encoder/stack/layers/layer/mlp/wo/kernel'
-  w = prune.flatten(params)[0][k]
-  g1, g2 = (prune.flatten(grad(params, b))[0][k] for b in batches)
+  w = _flat(params)[k]
+  g1, g2 = (_flat(grad(params, b))[k] for b in batches)
   np.testing.assert_allclose(scores[k], jnp.abs(w * g1) + jnp.abs(w * g2), rtol=1e-4, atol=1e-7)
   snip = prune.gradient_scores(params, loss_fn, batches, prune.PruneConfig(method='snip'), grad)
   np.testing.assert_allclose(snip[k], jnp.abs(w * (g1 + g2) / 2), rtol=1e-4, atol=1e-7)
