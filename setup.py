@@ -38,6 +38,7 @@ setup(
         'cloud': ['gcsfs>=2024.6'],
         'parity': ['torch==2.13.0', 'transformers>=5,<6'],
         'serve': ['fastapi>=0.115,<1', 'uvicorn>=0.30,<1', 'prometheus_client>=0.21,<1',
-                  'httpx>=0.28,<1', 'openai>=1.50,<4', 'flatbuffers>=24,<26'],
+                  'httpx>=0.28,<1', 'openai>=1.50,<4', 'flatbuffers>=24,<26',
+                  'jinja2>=3.1,<4', 'pydantic>=2.7,<3'],
     },
 )

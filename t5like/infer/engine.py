@@ -25,7 +25,7 @@ import numpy as np
 
 from t5like.config import ModelConfig
 from t5like.infer import backend as backend_lib, sampling
-from t5like.models import init_cache
+from t5like.models import build_model, init_cache
 
 
 class EngineError(RuntimeError):
@@ -48,6 +48,7 @@ class SamplingParams:
   top_p: float = 1.0              # 1: off
   seed: int | None = None
   stop_token_ids: tuple[int, ...] = ()
+  logprobs: int | None = None     # None: off; N: the chosen token's logprob and the top N
 
 
 _ids = itertools.count()
@@ -70,6 +71,9 @@ class Request:
   output_ids: list = dataclasses.field(default_factory=list)
   finish_reason: str | None = None
   cancelled: bool = False
+  # With params.logprobs: one (logprob, top ids, top logprobs) per emitted token, appended before
+  # its 'token' event.
+  logprobs: list = dataclasses.field(default_factory=list)
 
 
 def _insert_row(slot_tree, row_tree, slot):
@@ -85,27 +89,62 @@ def _insert_row(slot_tree, row_tree, slot):
   return jax.tree.map(put, slot_tree, row_tree)
 
 
+MAX_LOGPROBS = 20   # top-N alternatives a request may ask for per token
+
+
+def logprob_info(logits_RV, tok_R):
+  """(log p of each row's token [R], the top MAX_LOGPROBS ids [R, K] and their log p [R, K])."""
+  logp_RV = jax.nn.log_softmax(logits_RV.astype(jnp.float32), axis=-1)
+  chosen_R = jnp.take_along_axis(logp_RV, tok_R[:, None], axis=1)[:, 0]
+  top_RK, ids_RK = jax.lax.top_k(logp_RV, min(MAX_LOGPROBS, logp_RV.shape[-1]))
+  return chosen_R, ids_RK.astype(jnp.int32), top_RK
+
+
 @functools.partial(jax.jit, static_argnames=('cfg', 'max_prompt_len', 'max_new_tokens', 'backend'))
 def _prefill(params, tokens_1P, temperature, top_k, top_p, key, *, cfg: ModelConfig,
              max_prompt_len: int, max_new_tokens: int, backend: backend_lib.XlaBackend):
-  """One request alone: its cache row and its first sampled token."""
+  """One request alone: its cache row, its first sampled token and that token's logprob_info."""
   cache_len = max_new_tokens + 1 + (0 if cfg.is_encdec else max_prompt_len)
   row, logits_1V = backend.prefill(params, cfg, tokens_1P, cache_len)
   tok = sampling.sample(logits_1V, key[None], temperature, top_k, top_p)
-  return row, tok[0]
+  lp, ids, top = logprob_info(logits_1V, tok)
+  return row, tok[0], (lp[0], ids[0], top[0])
 
 
 _insert = jax.jit(_insert_row, donate_argnums=(0,))
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'backend'), donate_argnums=(1,))
+@functools.partial(jax.jit, static_argnames=('cfg', 'backend', 'with_logprobs'),
+                   donate_argnums=(1,))
 def _generate(params, cache, tokens_R, temp_R, top_k_R, top_p_R, keys_R2, pos_R, active_R, *,
-              cfg: ModelConfig, backend: backend_lib.XlaBackend):
-  """One token for every slot row; idle rows are computed but their cache index stays."""
+              cfg: ModelConfig, backend: backend_lib.XlaBackend, with_logprobs: bool = False):
+  """One token for every slot row; idle rows are computed but their cache index stays, and they
+  count as greedy whatever their last request asked (which path the sampler takes depends on the
+  live rows only). With `with_logprobs`, also each row's `logprob_info`."""
   logits_RV, new_cache = backend.step(params, cfg, tokens_R, cache)
   new_cache['index'] = jnp.where(active_R, new_cache['index'], cache['index'])
   keys = jax.vmap(jax.random.fold_in)(keys_R2, pos_R)
-  return sampling.sample(logits_RV, keys, temp_R, top_k_R, top_p_R), new_cache
+  toks = sampling.sample(logits_RV, keys, jnp.where(active_R, temp_R, 0.0), top_k_R, top_p_R)
+  return toks, new_cache, (logprob_info(logits_RV, toks) if with_logprobs else None)
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'backend'))
+def _score(params, inputs_1S, tokens_1T, targets_1T, *, cfg: ModelConfig,
+           backend: backend_lib.XlaBackend):
+  """log p(targets[t] | inputs, tokens[:t + 1]) [T], teacher-forced through the decode path: the
+  encoder's prefill (encoder-decoder), then one decode step over all of `tokens` from an empty
+  cache."""
+  model = build_model(cfg)
+  T = tokens_1T.shape[1]
+  with backend.attached():
+    if cfg.is_encdec:
+      cache = backend.decoding_cache(init_cache(cfg, 1, T, inputs_1S.shape[1]))
+      cache = model.apply({'params': params}, inputs_1S, cache, method='prefill')
+    else:
+      cache = backend.decoding_cache(init_cache(cfg, 1, T))
+    logits_1TV, _ = model.apply({'params': params}, tokens_1T, cache, method='decode_step')
+  logp_TV = jax.nn.log_softmax(logits_1TV[0].astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp_TV, targets_1T[0, :, None], axis=1)[:, 0]
 
 
 class Engine:
@@ -174,6 +213,36 @@ class Engine:
       raise ValueError(f'max_tokens must be in [1, {self.max_new_tokens}], got {params.max_tokens}')
     if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
       raise ValueError('need temperature >= 0, 0 < top_p <= 1 and top_k >= 0')
+    if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
+      raise ValueError(f'logprobs must be in [0, {MAX_LOGPROBS}], got {params.logprobs}')
+
+  def score(self, input_ids: Sequence[int], target_ids: Sequence[int]) -> np.ndarray:
+    """log p of each target token given the input and the targets before it [len(targets)]
+    (float32): the input is the encoder's (encoder-decoder) or the prompt the targets continue
+    (decoder-only). Thread-safe; runs beside the device loop, not in it."""
+    if len(input_ids) == 0 or len(target_ids) == 0:
+      raise ValueError('scoring needs a non-empty input and non-empty targets')
+    bad = [t for t in (*input_ids, *target_ids) if not 0 <= int(t) < self.cfg.vocab_size]
+    if bad:
+      raise ValueError(f'token ids out of range [0, {self.cfg.vocab_size}): {bad[:5]}')
+    limit = self.max_prompt_len + self.max_new_tokens
+    if self.cfg.is_encdec:
+      inputs = np.zeros((1, self.bucket_for(len(input_ids))), np.int32)
+      inputs[0, :len(input_ids)] = input_ids
+      tokens, targets = [self.cfg.decoder_start_id, *target_ids[:-1]], list(target_ids)
+      first = 0
+    else:
+      inputs = np.zeros((1, 1), np.int32)   # unused
+      seq = [*input_ids, *target_ids]
+      tokens, targets, first = seq[:-1], seq[1:], len(input_ids) - 1
+    n = len(tokens)
+    if n > limit:
+      raise RequestTooLong(f'input and targets have {n + 1} tokens; at most {limit} can be scored')
+    T = min(limit, max(16, 1 << (n - 1).bit_length()))   # few shapes to compile
+    tok_1T, tgt_1T = np.zeros((1, T), np.int32), np.zeros((1, T), np.int32)
+    tok_1T[0, :n], tgt_1T[0, :n] = tokens, targets
+    lp_T = _score(self.params, inputs, tok_1T, tgt_1T, cfg=self.cfg, backend=self.backend)
+    return np.asarray(lp_T)[first:n]
 
   def submit(self, request: Request) -> None:
     self.validate(request.prompt_ids, request.params)
@@ -202,15 +271,16 @@ class Engine:
     temp, top_k, top_p = self._sampling_arrays(SamplingParams(temperature=1.0))
     key = np.zeros((2,), np.uint32)
     for b in self.buckets:
-      row, _ = self._prefill(self.params, np.ones((1, b), np.int32), temp, top_k, top_p, key)
+      row, _, _ = self._prefill(self.params, np.ones((1, b), np.int32), temp, top_k, top_p, key)
       self._cache = self._insert(self._cache, row, 0)
-    for t in (0.0, 1.0):   # both branches of the sampler
-      self._temp[:] = t
-      toks, self._cache = self._generate(self.params, self._cache, self._tokens, self._temp,
-                                         self._top_k, self._top_p, self._keys, self._pos,
-                                         np.zeros((self.num_slots,), bool))
+    for with_logprobs in (False, True):   # the sampler's paths are branches of each program
+      toks, self._cache, _ = self._generate(self.params, self._cache, self._tokens, self._temp,
+                                            self._top_k, self._top_p, self._keys, self._pos,
+                                            np.zeros((self.num_slots,), bool),
+                                            with_logprobs=with_logprobs)
       np.asarray(toks)
     self._cache = jax.tree.map(jnp.zeros_like, self._cache)
+    self._reset_sampling(slice(None))
     self.ready = True
 
   def start(self) -> None:
@@ -238,12 +308,17 @@ class Engine:
     except Exception:  # a broken consumer must not stop the device loop
       req.cancelled = True
 
+  def _reset_sampling(self, slot) -> None:
+    """An idle slot is greedy: what its last request asked for must not slow the others."""
+    self._temp[slot], self._top_k[slot], self._top_p[slot] = 0.0, 0, 1.0
+
   def _finish(self, slot: int | None, req: Request, reason: str) -> None:
     req.finish_reason = reason
     req.finished_at = time.monotonic()
     if slot is not None:
       with self._lock:
         self._slots[slot] = None
+      self._reset_sampling(slot)
     self._emit(req, 'finish', reason)
 
   def _admit(self, slot: int, req: Request) -> None:
@@ -252,23 +327,28 @@ class Engine:
     temp, top_k, top_p = self._sampling_arrays(req.params)
     key = self._key_for(req)
     req.started_at = time.monotonic()
-    row, tok = self._prefill(self.params, ids, temp, top_k, top_p, key)
+    row, tok, info = self._prefill(self.params, ids, temp, top_k, top_p, key)
     self._cache = self._insert(self._cache, row, slot)
     with self._lock:
       self._slots[slot] = req
     self._temp[slot], self._top_k[slot], self._top_p[slot] = temp, top_k, top_p
     self._keys[slot] = key
     self._pos[slot] = 1
-    self._accept(slot, req, int(tok))
+    self._accept(slot, req, int(tok), info)
 
-  def _accept(self, slot: int, req: Request, tok: int) -> None:
-    """Records a sampled token and decides whether the request goes on."""
+  def _accept(self, slot: int, req: Request, tok: int, info=None) -> None:
+    """Records a sampled token (and its logprobs when asked for) and decides whether the
+    request goes on. `info`: this row's `logprob_info`."""
     now = time.monotonic()
     if req.first_token_at is None:
       req.first_token_at = now
     if tok == self.cfg.eos_id or tok in req.params.stop_token_ids:
       self._finish(slot, req, 'stop')
       return
+    k = req.params.logprobs
+    if k is not None and info is not None:
+      lp, ids, top = (np.asarray(x) for x in info)
+      req.logprobs.append((float(lp), ids[:k].tolist(), top[:k].tolist()))
     req.output_ids.append(tok)
     self._emit(req, 'token', tok)
     self._tokens[slot] = tok
@@ -320,15 +400,19 @@ class Engine:
           self._wake.wait(0.05)
           self._wake.clear()
           continue
-        toks, self._cache = self._generate(self.params, self._cache, self._tokens, self._temp,
-                                           self._top_k, self._top_p, self._keys, self._pos, active)
+        with_logprobs = any(r is not None and r.params.logprobs is not None for r in self._slots)
+        toks, self._cache, info = self._generate(
+            self.params, self._cache, self._tokens, self._temp, self._top_k, self._top_p,
+            self._keys, self._pos, active, with_logprobs=with_logprobs)
         toks = np.asarray(toks)
+        info = jax.device_get(info)
         self.steps += 1
         for slot in np.nonzero(active)[0]:
           req = self._slots[slot]
           if req is not None:
             self._pos[slot] += 1
-            self._accept(int(slot), req, int(toks[slot]))
+            self._accept(int(slot), req, int(toks[slot]),
+                         None if info is None else tuple(x[slot] for x in info))
       except Exception as e:  # keep serving; record what broke for /health and logs
         self.last_error = repr(e)
         for slot, req in enumerate(list(self._slots)):

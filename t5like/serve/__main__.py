@@ -8,6 +8,9 @@
   engine: --num_slots, --prompt_buckets, --max_new_tokens, --max_queue; --request_timeout_s,
   --drain_timeout_s (SIGTERM: not ready at once, in-flight requests drain up to this long, the rest
   end with finish_reason "abort", then the process exits 0), --poll_seconds (rescan the base path)
+  --max_body_bytes    larger bodies are refused with 413 before parsing (4 MiB)
+  --strict_fields     refuse unknown request fields (default: accept, as vLLM does)
+  --metrics_names     t5like or vllm (vLLM's metric and label names)
 """
 from __future__ import annotations
 
@@ -16,8 +19,12 @@ import os
 import signal
 import threading
 
+import uvicorn
 from absl import app as absl_app
 from absl import flags
+
+from t5like.serve.app import DEFAULT_MAX_BODY_BYTES, create_app
+from t5like.serve.registry import ModelRegistry, VersionPolicy
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model_base_path', None, 'Folder holding <name>/<version>/ model bundles.')
@@ -37,6 +44,11 @@ flags.DEFINE_float('request_timeout_s', 600.0, 'Per-request timeout (submission 
 flags.DEFINE_float('drain_timeout_s', 30.0, 'How long SIGTERM / unload lets requests finish.')
 flags.DEFINE_float('poll_seconds', 0.0, 'Rescan the base path this often (0: only at start and '
                    'on POST /admin/reload).')
+flags.DEFINE_integer('max_body_bytes', DEFAULT_MAX_BODY_BYTES, 'Larger request bodies get 413.')
+flags.DEFINE_bool('strict_fields', False, 'Refuse unknown request fields with 400 (default: '
+                  'accept them, named in a Warning header).')
+flags.DEFINE_enum('metrics_names', 't5like', ['t5like', 'vllm'], 'Metric names on /metrics: '
+                  "t5like's, or vLLM's (vllm: prefix, model_name label) for existing dashboards.")
 flags.DEFINE_string('log_level', 'info', 'Python / uvicorn log level.')
 
 log = logging.getLogger('t5like.serve')
@@ -44,11 +56,6 @@ log = logging.getLogger('t5like.serve')
 
 def build_server(argv_flags=FLAGS):
   """(uvicorn.Server, registry) from the flags; the registry loads once the server runs."""
-  import uvicorn
-
-  from t5like.serve.app import create_app
-  from t5like.serve.registry import ModelRegistry, VersionPolicy
-
   f = argv_flags
   if not f.model_base_path:
     raise flags.ValidationError('--model_base_path is required: a folder of <name>/<version>/ '
@@ -66,42 +73,34 @@ def build_server(argv_flags=FLAGS):
   if not token:
     log.warning('no --admin_token or T5LIKE_ADMIN_TOKEN: the /admin endpoints are disabled')
   app = create_app(registry, admin_token=token, request_timeout_s=f.request_timeout_s,
-                   load_on_startup=True)
+                   load_on_startup=True, max_body_bytes=f.max_body_bytes,
+                   strict_fields=f.strict_fields, metrics_names=f.metrics_names)
   config = uvicorn.Config(app, host=f.host, port=f.port, log_level=f.log_level,
                           timeout_graceful_shutdown=5, access_log=False)
   return _DrainingServer(config, registry, f.drain_timeout_s), registry
 
 
-def _make_server_class():
-  import uvicorn
+class _DrainingServer(uvicorn.Server):
+  """SIGTERM / SIGINT: not ready at once, drain the engines, then uvicorn's own shutdown."""
 
-  class DrainingServer(uvicorn.Server):
-    """SIGTERM / SIGINT: not ready at once, drain the engines, then uvicorn's own shutdown."""
+  def __init__(self, config, registry, drain_timeout_s):
+    super().__init__(config)
+    self.registry, self.drain_timeout_s = registry, drain_timeout_s
+    self._draining: threading.Thread | None = None
 
-    def __init__(self, config, registry, drain_timeout_s):
-      super().__init__(config)
-      self.registry, self.drain_timeout_s = registry, drain_timeout_s
-      self._draining: threading.Thread | None = None
-
-    def handle_exit(self, sig, frame):
-      if self._draining is not None:   # a second signal: stop now
-        self.registry.shutting_down = True
-        return super().handle_exit(sig, frame)
-      log.warning('signal %s: not ready; draining in-flight requests for up to %.0fs', sig,
-                  self.drain_timeout_s)
+  def handle_exit(self, sig, frame):
+    if self._draining is not None:   # a second signal: stop now
       self.registry.shutting_down = True
+      return super().handle_exit(sig, frame)
+    log.warning('signal %s: not ready; draining in-flight requests for up to %.0fs', sig,
+                self.drain_timeout_s)
+    self.registry.shutting_down = True
 
-      def drain():
-        self.registry.shutdown(self.drain_timeout_s)
-        self.should_exit = True
-      self._draining = threading.Thread(target=drain, name='drain', daemon=True)
-      self._draining.start()
-
-  return DrainingServer
-
-
-def _DrainingServer(config, registry, drain_timeout_s):
-  return _make_server_class()(config, registry, drain_timeout_s)
+    def drain():
+      self.registry.shutdown(self.drain_timeout_s)
+      self.should_exit = True
+    self._draining = threading.Thread(target=drain, name='drain', daemon=True)
+    self._draining.start()
 
 
 def main(argv):

@@ -280,14 +280,15 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
                      param)
     return list(prompt)
 
-  def checked(mv, ids: list[int], sp: engine_lib.SamplingParams, which: str = '') -> None:
+  def checked(mv, ids: list[int], sp: engine_lib.SamplingParams, which: str = '',
+              param: str = 'prompt') -> None:
     try:
       mv.engine.validate(ids, sp)
     except engine_lib.RequestTooLong as e:
-      raise ApiError(400, f'{which}{e}; shorten the prompt (it is never truncated)', 'prompt',
+      raise ApiError(400, f'{which}{e}; shorten the {param} (never truncated)', param,
                      'context_length_exceeded') from None
     except ValueError as e:
-      raise ApiError(400, f'{which}{e}', 'max_tokens' if 'max_tokens' in str(e) else 'prompt') \
+      raise ApiError(400, f'{which}{e}', 'max_tokens' if 'max_tokens' in str(e) else param) \
           from None
 
   def sampling(req, mv, max_tokens: int | None) -> engine_lib.SamplingParams:
@@ -339,7 +340,10 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
     for e in entries:
       tokens.append(e.token if e else '')
       lps.append(e.logprob if e and e.logprob is not None else None)
-      tops.append(dict(e.top) if e and e.top else None)
+      top = {}
+      for t, v in (e.top if e else ()):   # tokens that decode alike keep the likelier's value
+        top.setdefault(t, v)
+      tops.append(top or None)
       offsets.append(pos)
       pos += len(e.token) if e else 0
     return {'tokens': tokens, 'token_logprobs': lps, 'top_logprobs': tops, 'text_offset': offsets}
@@ -460,8 +464,8 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
           text = mv.chat_template.render(messages, req.add_generation_prompt)
         except ChatTemplateError as e:
           raise ApiError(400, str(e), 'messages') from None
-        ids = encode(mv, text, add_eos=mv.cfg.is_encdec)
-        checked(mv, ids, sp)
+        ids = encode(mv, text, 'messages', add_eos=mv.cfg.is_encdec)
+        checked(mv, ids, sp, param='messages')
         return ids
       ids = await run_in_threadpool(prepare)
     except ApiError as e:

@@ -35,8 +35,12 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from t5like.compress.quantize import abstract_quantized_params
 from t5like.config import ConfigError, ModelConfig, from_dict, to_dict
 from t5like.data.tokenizer import Tokenizer, TokenizerError
+from t5like.models import abstract_params
+from t5like.models.transformer import dummy_inputs
+from t5like.train import checkpoint as ckpt_lib
 
 FORMAT_VERSION = 1
 PARAMS_FILE = 'params.safetensors'
@@ -121,7 +125,7 @@ def export_bundle(params, cfg: ModelConfig, tokenizer: Tokenizer, out_dir: str, 
     meta = {'format_version': FORMAT_VERSION, 'created': time.time(), 'source': source,
             'param_count': int(sum(v.size for v in flat.values())),
             'param_bytes': int(sum(v.nbytes for v in flat.values())),
-            'weight_quant': cfg.weight_quant, 'tokenizer_vocab_size': tokenizer.vocab_size,
+            'weight_quant': cfg.quant.weights, 'tokenizer_vocab_size': tokenizer.vocab_size,
             'files': {f: os.path.getsize(os.path.join(tmp, f))
                       for f in (PARAMS_FILE, CONFIG_FILE, TOKENIZER_FILE)}}
     with open(os.path.join(tmp, META_FILE), 'w') as f:
@@ -179,18 +183,15 @@ def check_complete(path: str) -> dict:
 
 def _expected_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes the config's model has (float or quantised), without allocating."""
-  from t5like.models import abstract_params
-  if cfg.weight_quant == 'none':
+  if cfg.quant.weights == 'none':
     return _flatten_abstract(abstract_params(cfg))
-  from t5like.compress.quantize import abstract_quantized_params
-  float_cfg = cfg.replace(weight_quant='none', activation_quant='none')
+  float_cfg = cfg.with_quant(weights='none', activations='none')
   kw = {}
-  if cfg.activation_quant == 'static':  # scale values need calibration, their shapes do not
-    from t5like.models.transformer import dummy_inputs
+  if cfg.quant.activations == 'static':  # scale values need calibration, their shapes do not
     kw['calibration_inputs'] = dummy_inputs(float_cfg)
-  qparams = abstract_quantized_params(float_cfg, cfg.weight_quant,
-                                      group_size=cfg.weight_quant_group_size,
-                                      activation_quant=cfg.activation_quant, **kw)
+  qparams = abstract_quantized_params(float_cfg, cfg.quant.weights,
+                                      group_size=cfg.quant.group_size,
+                                      activation_quant=cfg.quant.activations, **kw)
   return _flatten_abstract(qparams)
 
 
@@ -283,62 +284,23 @@ def _find_tokenizer(workdir: str, saved_config: Mapping[str, Any]) -> str:
   return os.path.join(folder, found[0])
 
 
-def restore_params(checkpoint_dir: str, step: int | None = None):
-  """(params as numpy arrays, saved config dict, step) of a t5like training checkpoint.
-
-  Restores only the parameters, onto one host device, whatever mesh the run was saved from."""
-  import orbax.checkpoint as ocp
-  from t5like.train import checkpoint as ckpt_lib
-  ckpt = ckpt_lib.Checkpointer(checkpoint_dir, async_save=False, keep_best=0)
-  try:
-    if step is None:
-      step = ckpt.latest_step()
-      if step is None:
-        raise BundleError(f'{checkpoint_dir} holds no checkpoint; train first or point at '
-                          'another folder')
-    elif step not in ckpt.all_steps():
-      raise BundleError(f'{checkpoint_dir} has no step {step}; it has {ckpt.all_steps()}')
-    config = ckpt.read_config(step)
-    try:
-      # The saved tree's shapes and dtypes, read without restoring (and without the run's mesh).
-      meta = ocp.StandardCheckpointer().metadata(os.path.join(ckpt.path(step), 'state'))
-      meta = getattr(meta, 'item_metadata', meta)
-      meta = getattr(meta, 'tree', meta)
-      device = jax.local_devices(backend='cpu')[0]
-      sharding = jax.sharding.SingleDeviceSharding(device)
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                            dict(meta), is_leaf=lambda x: hasattr(x, 'shape'))
-      out = ckpt.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target)))
-    except BundleError:
-      raise
-    except Exception as e:
-      raise BundleError(f'checkpoint {ckpt.path(step)} cannot be read ({type(e).__name__}: '
-                        f'{str(e)[:300]}); it is corrupt or incomplete') from e
-    state = out['state']
-    params = state['params'] if isinstance(state, Mapping) else state.params
-    return jax.tree.map(np.asarray, params), config, step
-  finally:
-    ckpt.close()
-
-
 def export_from_checkpoint(workdir: str, out_dir: str, *, step: int | None = None,
                            tokenizer_path: str = '', quantize: str = 'none',
                            overwrite: bool = False) -> str:
   """Exports the params of `<workdir>/checkpoints/<step>` (latest if None) as a bundle,
   optionally quantised ('int8' / 'int4', t5like.compress.quantize)."""
-  from t5like.train.loop import CHECKPOINT_DIR
-  ckpt_dir = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  if not os.path.isdir(ckpt_dir):
-    raise BundleError(f'{workdir} has no {CHECKPOINT_DIR}/ folder; is it a t5like training workdir?')
-  params, config, step = restore_params(ckpt_dir, step)
+  try:
+    params, config, step = ckpt_lib.restore_params(workdir, step)
+  except ckpt_lib.CheckpointError as e:
+    raise BundleError(str(e)) from e
   cfg = from_dict(ModelConfig, config['model'], prefix='model')
   tok = Tokenizer.from_file(tokenizer_path or _find_tokenizer(workdir, config))
   if quantize != 'none':
     from t5like.compress.quantize import quantize_params
     params, cfg = quantize_params(params, cfg, quantize)
   return export_bundle(params, cfg, tok, out_dir, overwrite=overwrite,
-                       source=f'{ckpt_dir}/{step}' + (f' ({quantize})' if quantize != 'none' else ''))
+                       source=os.path.join(os.path.abspath(workdir), ckpt_lib.CHECKPOINT_DIR,
+                                           str(step)) + (f' ({quantize})' if quantize != 'none' else ''))
 
 
 def main(argv=None) -> None:

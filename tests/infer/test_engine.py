@@ -1,5 +1,7 @@
-"""The continuous-batching engine: equal to decode.greedy per request, no head-of-line blocking,
-slot reuse, cancel / timeout, bad input, shutdown and freeing memory."""
+"""The continuous-batching engine: equal to decode.greedy per request (on weights whose greedy
+outputs differ between prompts), no head-of-line blocking, slot reuse, cancel / timeout, idle
+slots that do not keep their last request's sampling, logprobs, scoring, bad input, shutdown and
+freeing memory."""
 import threading
 import time
 
@@ -11,10 +13,9 @@ from t5like.config import get_variant
 from t5like.infer import decode
 from t5like.infer.engine import (Engine, EngineError, QueueFull, Request, RequestTooLong,
                                  SamplingParams)
-from t5like.models import init_params
+from random_weights import random_params
 
 KW = dict(num_slots=3, prompt_buckets=(8, 16), max_new_tokens=12, max_queue=16)
-_init = jax.jit(init_params, static_argnums=0)
 
 
 class Collector:
@@ -40,7 +41,11 @@ def request(prompt, max_tokens=KW['max_new_tokens'], **kw):
 @pytest.fixture(scope='module', params=['t5_tiny', 'decoder_tiny'])
 def model(request):
   cfg = get_variant(request.param)
-  params = _init(cfg, jax.random.key(3))
+  # Not init's weights: a fresh tiny T5 greedy-decodes one token for every prompt, which would
+  # hide a slot mix-up or a wrong cross-attention row.
+  params = random_params(cfg, seed=3, embed_std=0.3, std=0.2)
+  firsts = {tuple(greedy_alone(params, cfg, p)[:4]) for p in PROMPTS}
+  assert len(firsts) == len(PROMPTS), firsts
   engine = Engine(params, cfg, name=request.param, **KW)
   engine.start()
   yield params, cfg, engine
@@ -51,6 +56,15 @@ PROMPTS = [[5, 6, 7], [9, 3, 4, 10, 11, 12, 13, 14, 15, 40], [100, 200], [7] * 5
            [300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310, 311, 312], [17]]
 
 
+def greedy_alone(params, cfg, prompt, n=KW['max_new_tokens']):
+  """decode.greedy of one prompt, cut at EOS."""
+  padded = np.zeros((1, 16), np.int32)
+  padded[0, :len(prompt)] = prompt
+  out = decode.greedy(params, cfg, padded, n)
+  want = [int(t) for t in np.asarray(out.tokens[0, :int(out.lengths[0])])]
+  return want[:want.index(cfg.eos_id)] if cfg.eos_id in want else want
+
+
 def test_concurrent_greedy_equals_greedy_alone(model):
   params, cfg, engine = model
   reqs = [request(p, max_tokens=m) for p, m in zip(PROMPTS, [12, 5, 12, 3, 12, 8, 12])]
@@ -59,12 +73,8 @@ def test_concurrent_greedy_equals_greedy_alone(model):
   for r, c in reqs:
     assert c.done.wait(120), r.id
   for (r, c), prompt in zip(reqs, PROMPTS):
-    padded = np.zeros((1, 16), np.int32)
-    padded[0, :len(prompt)] = prompt
-    out = decode.greedy(params, cfg, padded, KW['max_new_tokens'])
-    want = [int(t) for t in np.asarray(out.tokens[0, :int(out.lengths[0])])]
-    if cfg.eos_id in want:
-      want = want[:want.index(cfg.eos_id)]
+    want = greedy_alone(params, cfg, prompt)
+    if len(want) < KW['max_new_tokens']:   # it met EOS
       assert c.reason == 'stop' or len(c.tokens) == r.params.max_tokens
     assert c.tokens == want[:r.params.max_tokens], (prompt, c.reason)
     assert c.reason in ('stop', 'length') and r.output_ids == c.tokens
@@ -130,6 +140,44 @@ def test_seeded_sampling_is_reproducible(model):
     assert c.done.wait(60)
     outs.append(c.tokens)
   assert outs[0] == outs[1]
+
+
+def test_idle_slots_forget_their_sampling(model):
+  """A finished sampled request leaves its slot greedy: the sampler's path (and speed) depends on
+  the live rows only, and greedy results after sampled traffic equal those before."""
+  params, cfg, engine = model
+  assert not engine._temp.any()                      # warm-up leaves nothing behind either
+  sampled = [request(p, max_tokens=6, temperature=0.9, top_k=20, top_p=0.8, seed=i)
+             for i, p in enumerate(PROMPTS[:KW['num_slots']])]
+  for r, _ in sampled:
+    engine.submit(r)
+  for _, c in sampled:
+    assert c.done.wait(60)
+  assert not engine._temp.any() and not engine._top_k.any() and (engine._top_p == 1).all()
+  r, c = request(PROMPTS[0])
+  engine.submit(r)
+  assert c.done.wait(60) and c.tokens == greedy_alone(params, cfg, PROMPTS[0])
+
+
+def test_logprobs_and_score(model):
+  params, cfg, engine = model
+  prompt = PROMPTS[1]
+  r, c = request(prompt, max_tokens=6, logprobs=4)
+  engine.submit(r)
+  assert c.done.wait(60)
+  assert len(r.logprobs) == len(c.tokens) > 0
+  for tok, (lp, ids, top) in zip(c.tokens, r.logprobs):
+    assert ids[0] == tok and len(ids) == len(top) == 4       # greedy: the chosen is the best
+    assert lp == pytest.approx(top[0]) and top == sorted(top, reverse=True) and lp <= 0
+  # Teacher-forced scoring of the same tokens gives the same log-probabilities.
+  np.testing.assert_allclose(engine.score(prompt, c.tokens), [x[0] for x in r.logprobs],
+                             atol=2e-3)
+  other = engine.score(prompt, [7, 8, 9])
+  assert other.shape == (3,) and other[0] <= r.logprobs[0][0] + 1e-5
+  with pytest.raises(ValueError, match='non-empty'):
+    engine.score(prompt, [])
+  with pytest.raises(RequestTooLong):
+    engine.score(prompt, [5] * (KW['prompt_buckets'][-1] + KW['max_new_tokens'] + 1))
 
 
 def test_bad_input(model):

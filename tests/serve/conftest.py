@@ -101,9 +101,19 @@ def wait_until(fn, timeout=120.0, every=0.05):
   raise AssertionError(f'condition not met within {timeout}s')
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def live(base_path):
-  """A server over `base_path` with the latest-1 policy (tiny:2 and dec:1 AVAILABLE)."""
+  """One server for the session over `base_path` with the latest-1 policy (tiny:2 and dec:1
+  AVAILABLE). Tests that load or unload versions use their own (`admin_live`)."""
+  yield from _serve(base_path)
+
+
+@pytest.fixture(scope='module')
+def admin_live(base_path):
+  yield from _serve(base_path)
+
+
+def _serve(base_path):
   registry = ModelRegistry(str(base_path), engine_kwargs=ENGINE_KW, drain_timeout_s=5.0)
   registry.reload()
   app = create_app(registry, admin_token=ADMIN_TOKEN, request_timeout_s=60.0,
