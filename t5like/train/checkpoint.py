@@ -21,7 +21,6 @@ it. Nothing is ever written over it: the run stops before its first step.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Mapping
 
 import jax
@@ -29,6 +28,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from t5like import paths
 
 VAL_METRIC = 'val_loss'
 ITEMS = ('state', 'data', 'config')
@@ -73,7 +74,7 @@ class Checkpointer:
                async_save: bool = True):
     if keep < 1:
       raise CheckpointError(f'keep_checkpoints must be >= 1, got {keep}')
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.as_str(paths.resolve(directory))   # a gs:// URI stays one
     _quiet_orbax_metrics_warning()
     policies = [ocm.LatestN(n=keep)]
     if keep_best:
@@ -86,7 +87,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
   def path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return paths.as_str(paths.resolve(self.directory) / str(step))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -157,8 +158,8 @@ def restore_params(workdir: str, step: int | str | None = None) -> tuple[Any, di
   number. Only the parameters are restored, onto the host CPU, whatever mesh the run was saved
   from; a missing or unreadable checkpoint is a CheckpointError naming it.
   """
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
+  directory = paths.as_str(paths.resolve(workdir) / CHECKPOINT_DIR)
+  if not paths.resolve(directory).is_dir():
     raise CheckpointError(f'{workdir} has no {CHECKPOINT_DIR}/ folder; is it a t5like training '
                           'workdir?')
   ckpt = Checkpointer(directory, async_save=False, keep_best=0)
@@ -185,7 +186,8 @@ def restore_params(workdir: str, step: int | str | None = None) -> tuple[Any, di
     config = ckpt.read_config(step)
     try:
       # The saved tree's shapes and dtypes, read without restoring (and without the run's mesh).
-      meta = ocp.StandardCheckpointer().metadata(os.path.join(ckpt.path(step), 'state'))
+      meta = ocp.StandardCheckpointer().metadata(paths.as_str(paths.resolve(ckpt.path(step))
+                                                              / 'state'))
       meta = getattr(meta, 'item_metadata', meta)
       meta = getattr(meta, 'tree', meta)
       sharding = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])

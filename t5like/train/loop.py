@@ -16,6 +16,13 @@
 5. at the end: a final evaluation and checkpoint, `<workdir>/curves.png`, and sampled
    continuations of held-out text.
 
+The workdir may be a cloud URI (`gs://bucket/run`): every file goes through etils.epath
+(t5like.paths) and orbax. In a multi-process job every process runs the same steps and takes part
+in checkpoints, evaluation and sampling (they are collectives), but only process 0 writes
+config.json, metrics.jsonl, TensorBoard events, curves.png and summary.json (and trains the
+tokenizer; t5like.data.tokenizer). MFU is reported against the measured matmul peak and, on a
+chip in t5like.parallel.hardware's table, against its published peak (`mfu_published`).
+
 Techniques that train (distillation) run through the same loop with a `Technique`: their own
 `t5like.train.step.Loss` and an extra step input (the teacher's params), so they inherit all of
 the above, gradient accumulation, label smoothing and z-loss included. Validation is the model's
@@ -28,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -41,11 +47,13 @@ import optax
 from jax.sharding import Mesh
 
 from t5like import config as config_lib
+from t5like import paths
+from t5like import precision as precision_lib
 from t5like.config import ConfigError, TrainConfig
 from t5like.data import pipeline
 from t5like.models import build_model, flops, param_count
 from t5like.optim import make_optimizer, make_schedule, observe_validation
-from t5like.parallel import partition
+from t5like.parallel import hardware, partition
 from t5like.parallel.mesh import get_rules, make_mesh
 from t5like.train import checkpoint as ckpt_lib
 from t5like.train import metrics as metrics_lib
@@ -139,10 +147,12 @@ def resolve_config(config: TrainConfig, tokenizer) -> TrainConfig:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """`obj` as JSON at `path` (local or a cloud URI), never half-written."""
+  paths.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _in_workdir(workdir: str, name: str) -> str:
+  return paths.as_str(paths.resolve(workdir) / name)
 
 
 def evaluate(eval_fn: Callable, params, eval_batches: Callable, mesh, max_batches: int) -> dict:
@@ -185,8 +195,9 @@ def train(config: TrainConfig, workdir: str, *, technique: Technique | None = No
           print_fn: Callable[[str], None] = print) -> dict[str, Any]:
   """Trains (or resumes) `config` in `workdir`, with `technique`'s loss if given; see the module
   docstring."""
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.as_str(paths.resolve(workdir))   # local: absolute; gs://...: unchanged
+  paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
+  writes = jax.process_index() == 0   # one writer per job
   t_start = time.perf_counter()
   mesh = make_mesh(config.mesh, devices)
   rules = get_rules(config.mesh.rules)
@@ -203,7 +214,8 @@ def train(config: TrainConfig, workdir: str, *, technique: Technique | None = No
     loss = technique.make_loss(config)
   else:
     loss = step_lib.cross_entropy_loss(config.label_smoothing, config.z_loss)
-  write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_dict)
+  if writes:
+    write_json_atomic(_in_workdir(workdir, CONFIG_FILE), config_dict)
 
   extra, extra_sh = (), None
   if technique is not None and technique.extra is not None:
@@ -212,7 +224,7 @@ def train(config: TrainConfig, workdir: str, *, technique: Technique | None = No
     extra = (jax.device_put(technique.extra, extra_sh),)
 
   tx = make_optimizer(config.optim, None, config.num_steps)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
+  ckpt = ckpt_lib.Checkpointer(_in_workdir(workdir, CHECKPOINT_DIR),
                                keep=config.keep_checkpoints,
                                keep_best=config.keep_best_checkpoints,
                                async_save=config.async_checkpointing)
@@ -230,9 +242,10 @@ def train(config: TrainConfig, workdir: str, *, technique: Technique | None = No
   _finish(run, state, summary)
   summary['timings'] = {k: round(v, 2) for k, v in timings.items()}
   summary['wall_s'] = time.perf_counter() - t_start
-  write_json_atomic(os.path.join(workdir, SUMMARY_FILE),
-                    {k: v for k, v in summary.items() if k != 'samples'} |
-                    {'samples': [list(s) for s in summary.get('samples', [])]})
+  if writes:
+    write_json_atomic(_in_workdir(workdir, SUMMARY_FILE),
+                      {k: v for k, v in summary.items() if k != 'samples'} |
+                      {'samples': [list(s) for s in summary.get('samples', [])]})
   return summary
 
 
@@ -269,11 +282,19 @@ def _steps(run: _Run, state, shardings, start: int, summary: dict):
   tokens_per_step = B * flops.tokens_per_row(config.model, S, T)
   flops_per_step = flops.train_step_flops(config.model, B, S, T)
   peak = metrics_lib.measure_peak_flops()
+  # The chip's published peak at the compute dtype, for all the mesh's devices (None: not a chip
+  # in the table, e.g. a CPU).
+  compute_dtype = precision_lib.get_policy(config.model.precision).compute_dtype.dtype.name
+  chip = hardware.lookup(mesh.devices.flat[0].device_kind)
+  published = chip.peak_flops(compute_dtype) * mesh.devices.size if chip else None
   print_fn(f'model {config.model.name} ({config.model.arch}): {n_params:,} parameters, '
            f'{flops_per_step / tokens_per_step:.3g} training FLOPs/token, '
            f'{flops_per_step:.3g} FLOPs/step; batch {B} x {lengths_str(S, T)}; '
-           f'measured f32 matmul peak {peak / 1e9:.1f} GFLOP/s')
-  summary.update(parameters=n_params, peak_flops_per_s=peak, flops_per_step=flops_per_step)
+           f'measured f32 matmul peak {peak / 1e9:.1f} GFLOP/s'
+           + (f'; published peak {mesh.devices.size} x {chip.name} at {compute_dtype} '
+              f'{published / 1e12:.0f} TFLOP/s' if chip else ''))
+  summary.update(parameters=n_params, peak_flops_per_s=peak, flops_per_step=flops_per_step,
+                 published_peak_flops_per_s=published)
 
   writer = metrics_lib.MetricsWriter(run.workdir, resume_step=start if start else None)
   batch = next(run.train_iter)
@@ -325,6 +346,8 @@ def _steps(run: _Run, state, shardings, start: int, summary: dict):
           steps_s = (now - clock) / (step - clock_step)
           last_train.update(step_s=steps_s, tokens_per_s=tokens_per_step / steps_s,
                             mfu=flops_per_step / steps_s / peak)
+          if published:
+            last_train['mfu_published'] = flops_per_step / steps_s / published
         writer.write(step, last_train)
         print_fn(progress.line(step, last_train))
         val_loss = None
@@ -351,8 +374,11 @@ def _steps(run: _Run, state, shardings, start: int, summary: dict):
   writer.close()
 
   summary.update(final_step=step, final_train_loss=last_train.get('loss'),
-                 tokens_per_s=last_train.get('tokens_per_s'), mfu=last_train.get('mfu'))
-  evals = [r for r in metrics_lib.read_jsonl(writer.path) if r.get('split') == 'eval']
+                 tokens_per_s=last_train.get('tokens_per_s'), mfu=last_train.get('mfu'),
+                 mfu_published=last_train.get('mfu_published'))
+  # Only the writing process has the file (another may not see the workdir's disk).
+  evals = ([r for r in metrics_lib.read_jsonl(writer.path) if r.get('split') == 'eval']
+           if writer.enabled else [])
   if evals:
     summary.update(initial_val_loss=evals[0]['loss'], final_val_loss=evals[-1]['loss'],
                    final_val_accuracy=evals[-1]['accuracy'],
@@ -360,15 +386,16 @@ def _steps(run: _Run, state, shardings, start: int, summary: dict):
   summary.update(checkpoint_dir=ckpt.directory, latest_checkpoint=ckpt.latest_step(),
                  best_checkpoint=ckpt.best_step(), metrics_file=writer.path,
                  tensorboard_dir=writer.tensorboard_dir,
-                 config_file=os.path.join(run.workdir, CONFIG_FILE))
+                 config_file=_in_workdir(run.workdir, CONFIG_FILE))
   return state
 
 
 def _finish(run: _Run, state, summary: dict) -> None:
   """The curves plot and, for a run that was not interrupted, sampled continuations."""
   config = run.config
-  summary['plot'] = metrics_lib.plot_curves(summary['metrics_file'],
-                                            os.path.join(run.workdir, metrics_lib.PLOT_FILE))
+  summary['plot'] = (metrics_lib.plot_curves(summary['metrics_file'],
+                                             _in_workdir(run.workdir, metrics_lib.PLOT_FILE))
+                     if jax.process_index() == 0 else None)
   t0 = time.perf_counter()
   if summary['interrupted'] is None and config.num_samples:
     _, val_docs = pipeline.load_splits(config.data)
@@ -389,9 +416,9 @@ def trained_params(config: TrainConfig, workdir: str, *, technique: Technique | 
                    print_fn: Callable[[str], None] = print):
   """(params as host arrays, the resolved ModelConfig) of `config` trained in `workdir`: trained
   (or resumed) first unless the workdir's latest checkpoint is already at `config.num_steps`."""
-  ckpt_dir = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  ckpt_dir = _in_workdir(workdir, CHECKPOINT_DIR)
   done = False
-  if os.path.isdir(ckpt_dir):
+  if paths.resolve(ckpt_dir).is_dir():
     ckpt = ckpt_lib.Checkpointer(ckpt_dir, async_save=False, keep_best=0)
     done = ckpt.latest_step() == config.num_steps
     ckpt.close()

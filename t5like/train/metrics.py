@@ -139,10 +139,6 @@ class MetricsWriter:
         self._tb.add_scalar(f'{split}/{k}', v, int(step))
     return record
 
-  def write_text(self, step: int, tag: str, text: str) -> None:
-    if self.enabled:
-      self._tb.add_text(tag, text, int(step))
-
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
@@ -201,6 +197,8 @@ class ProgressLine:
       parts.append(f'| {_si(float(m["tokens_per_s"]))} tok/s')
     if 'mfu' in m:
       parts.append(f'MFU {100 * float(m["mfu"]):.1f}%')
+    if 'mfu_published' in m:   # against the chip's published peak (t5like.parallel.hardware)
+      parts.append(f'({100 * float(m["mfu_published"]):.1f}% of published peak)')
     parts.append(f'| {format_duration(now - self.t0)} elapsed, ETA '
                  f'{"?" if math.isnan(eta) else format_duration(eta)}')
     return ' '.join(parts)

@@ -104,3 +104,37 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path):
   assert len(steps) == len(set(steps))
   assert f'step {STEPS}/{STEPS}' in (tmp_path / 'second_0.log').read_text()
   assert f'step {STEPS}/{STEPS}' not in (tmp_path / 'second_1.log').read_text()
+
+
+DISTILL_WORKER = os.path.join(ROOT, 'tests', 'experiments', 'distill_worker.py')
+
+
+def _last_json(text):
+  return json.loads([l for l in text.splitlines() if l.startswith('{')][-1])
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_distillation_two_processes_match_one(tmp_path):
+  """A student distilled from a teacher through the shared trainer: 2 x 4 equals 1 x 8."""
+  r = subprocess.run([sys.executable, DISTILL_WORKER, str(tmp_path / 'one')],
+                     env=_env(tmp_path, 8), capture_output=True, text=True, timeout=TIMEOUT_S,
+                     cwd=tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  ref = _last_json(r.stdout)
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen([sys.executable, DISTILL_WORKER, str(tmp_path / 'two'),
+                             f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                             f'--process_id={i}'], env=_env(tmp_path, 4), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+  finally:
+    _kill(procs)
+  assert [p.returncode for p in procs] == [0, 0], [o[-2500:] for o in outs]
+  out = _last_json(outs[0])
+  print('distillation 1 x 8:', ref, '2 x 4:', out)
+  assert out['final_step'] == ref['final_step']
+  assert abs(out['final_train_loss'] - ref['final_train_loss']) < 1e-5
+  assert abs(out['final_val_loss'] - ref['final_val_loss']) < 1e-5

@@ -98,3 +98,46 @@ def test_corpus_folder_on_gcs(fake_gcs):
   assert names == ['z.txt', 'a/one.txt', 'b/two.txt'] and len(list(stream)) == 3
   with pytest.raises(corpus_lib.CorpusError, match='does not exist'):
     corpus_lib.load_documents('gs://bucket/nothing')
+
+
+@pytest.mark.slow
+def test_training_run_with_a_gcs_workdir(fake_gcs, monkeypatch, tmp_path_factory):
+  """loop.train with --workdir=gs://...: config, tokenizer, metrics, TensorBoard, curves and
+  summary land in the bucket. orbax writes arrays through tensorstore's own GCS driver, which
+  cannot be served from memory here, so its folder is redirected to a local one, after checking
+  that orbax is handed the gs:// path unchanged."""
+  from t5like.config import DataConfig, OptimConfig, TrainConfig, get_variant
+  from t5like.train import checkpoint as ckpt_lib, loop
+  local = tmp_path_factory.mktemp('orbax')
+  given = []
+
+  class LocalOrbax(ckpt_lib.Checkpointer):
+    def __init__(self, directory, **kw):
+      given.append(directory)
+      super().__init__(str(local / directory.split('://', 1)[1]), **kw)
+
+  monkeypatch.setattr(loop.ckpt_lib, 'Checkpointer', LocalOrbax)
+  cfg = TrainConfig(model=get_variant('t5_tiny'),
+                    data=DataConfig(vocab_size=600, tokenizer_max_sentences=5000,
+                                    inputs_length=32, batch_size=8),
+                    optim=OptimConfig(learning_rate=3e-3, warmup_steps=1), num_steps=4,
+                    log_every=2, eval_every=4, eval_batches=1, checkpoint_every=2,
+                    num_samples=0, async_checkpointing=False)
+  summary = loop.train(cfg, 'gs://bucket/run', print_fn=lambda line: None)
+  assert given == ['gs://bucket/run/checkpoints']
+  assert summary['workdir'] == 'gs://bucket/run' and summary['final_step'] == 4
+  assert summary['metrics_file'] == 'gs://bucket/run/metrics.jsonl'
+  keys = set(fake_gcs.store)
+  for name in ('config.json', 'metrics.jsonl', 'curves.png', 'summary.json'):
+    assert f'gs://bucket/run/{name}' in keys, name
+  assert any(k.startswith('gs://bucket/run/tokenizer/spm_') for k in keys)
+  assert any(k.startswith('gs://bucket/run/tensorboard/events.out') for k in keys)
+  saved = json.loads(fake_gcs.store['gs://bucket/run/summary.json'].getvalue())
+  assert saved['final_step'] == 4 and saved['latest_checkpoint'] == 4
+  # Resuming reads the bucket's metrics back and continues the same file.
+  summary = loop.train(cfg.__class__(**{**cfg.__dict__, 'num_steps': 6}), 'gs://bucket/run',
+                       print_fn=lambda line: None)
+  assert summary['start_step'] == 4 and summary['final_step'] == 6
+  steps = [r['step'] for r in metrics_lib.read_jsonl('gs://bucket/run/metrics.jsonl')
+           if r['split'] == 'train']
+  assert steps == [2, 4, 6]
