@@ -351,12 +351,54 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """Training on a text-to-text task (t5like/data/tasks) and its evaluation during training.
+
+  With `name` set, the run trains on that task (or mixture) instead of `data.corpus`'s objective;
+  examples longer than data.inputs_length / data.targets_length (0: inputs_length) are dropped or
+  truncated by `length_policy`, counted and logged. Every `eval_every` steps the first task's
+  `eval_split` (its first `eval_examples`; 0: all) is decoded and scored with the task's metrics;
+  with `best_metric` (e.g. 'chrf'; higher is better) the best checkpoints are kept by it.
+  """
+  name: str = ''
+  files: tuple[str, ...] = ()           # JSON task files registering more tasks and mixtures
+  length_policy: str = 'drop'           # 'drop' or 'truncate'
+  eval_split: str = 'validation'
+  eval_examples: int = 256
+  decode: str = 'greedy'                # 'greedy' or 'beam'
+  num_beams: int = 4
+  best_metric: str = ''                 # '' keeps the best checkpoints by validation loss
+
+  def __post_init__(self):
+    _check_choice('task.length_policy', self.length_policy, ('drop', 'truncate'))
+    _check_choice('task.eval_split', self.eval_split, ('train', 'validation', 'test'))
+    _check_choice('task.decode', self.decode, ('greedy', 'beam'))
+    if self.eval_examples < 0 or self.num_beams < 1:
+      raise ConfigError(f'task.eval_examples must be >= 0 and task.num_beams >= 1, got '
+                        f'{self.eval_examples}, {self.num_beams}')
+    if isinstance(self.files, str):
+      raise ConfigError(f'task.files must be a sequence of paths, got the string {self.files!r}')
+    if self.best_metric and not self.name:
+      raise ConfigError('task.best_metric needs task.name (a task whose metrics include it)')
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """One experiment: what to build, what to train it on, how and for how long."""
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
   mesh: MeshConfig = MeshConfig()
+  task: TaskConfig = TaskConfig()
+  # Start from pretrained parameters (t5like/train/init_from.py): a t5like workdir, an exported
+  # bundle or a Hugging Face T5 folder; its tokenizer replaces data.tokenizer. Optimiser state is
+  # fresh. init_step: 'latest', 'best' or a step (workdirs); init_partial: '' (every parameter) or
+  # 'encoder' (encoder and embedding only); init_architecture: the model's shapes come from
+  # init_from (dropout, precision and remat from this config) rather than from `model`.
+  init_from: str = ''
+  init_step: str = 'latest'
+  init_partial: str = ''
+  init_architecture: bool = True
   num_steps: int = 1000
   grad_accum_steps: int = 1
   seed: int = 0
@@ -391,6 +433,10 @@ class TrainConfig:
     if self.data.batch_size % self.grad_accum_steps:
       raise ConfigError(f'grad_accum_steps={self.grad_accum_steps} must divide data.batch_size='
                         f'{self.data.batch_size}')
+    _check_choice('init_partial', self.init_partial, ('', 'encoder'))
+    if self.init_partial and self.init_architecture:
+      raise ConfigError("init_partial='encoder' loads into this config's model: set "
+                        'init_architecture=False')
 
 
 PRUNE_METHODS = ('magnitude', 'structured', 'taylor', 'snip', 'greedy')

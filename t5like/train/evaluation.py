@@ -262,3 +262,49 @@ def write_jsonl(path: str, records: Sequence[Mapping[str, Any]]) -> None:
     for r in records:
       f.write(json.dumps(r, ensure_ascii=False) + '\n')
   os.replace(tmp, path)
+
+
+def saved_settings(path: str) -> dict[str, Any]:
+  """The data lengths and task files a t5like workdir was trained with ({} for other folders)."""
+  cfg_path = os.path.join(path, 'config.json')
+  if not os.path.isdir(os.path.join(path, 'checkpoints')) or not os.path.isfile(cfg_path):
+    return {}
+  with open(cfg_path) as f:
+    saved = json.load(f)
+  data, task = saved.get('data', {}), saved.get('task', {}) or {}
+  return {'inputs_length': data.get('inputs_length'),
+          'targets_length': data.get('targets_length') or data.get('inputs_length'),
+          'task_files': list(task.get('files', ())), 'task': task.get('name', '')}
+
+
+def read_jsonl(path: str, required: Sequence[str]) -> list[dict]:
+  """Records of a JSONL file, each checked to hold string `required` fields."""
+  if not os.path.isfile(path):
+    raise TaskError(f'input file {path!r} does not exist')
+  out = []
+  with open(path, encoding='utf-8') as f:
+    for n, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise TaskError(f'{path}:{n} is not valid JSON ({e.msg})') from None
+      if not isinstance(rec, dict):
+        raise TaskError(f'{path}:{n} is not a JSON object')
+      for field in required:
+        if not isinstance(rec.get(field), str):
+          raise TaskError(f'{path}:{n} has no string field {field!r} (found {sorted(rec)})')
+      out.append(rec)
+  if not out:
+    raise TaskError(f'input file {path!r} is empty; it needs one JSON object a line')
+  return out
+
+
+def write_jsonl(path: str, records: Sequence[Mapping[str, Any]]) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    for r in records:
+      f.write(json.dumps(r, ensure_ascii=False) + '\n')
+  os.replace(tmp, path)

@@ -81,8 +81,24 @@ def workdir_tokenizer_path(workdir: str, saved_config: Mapping[str, Any]) -> str
   return os.path.join(folder, found[0])
 
 
+def best_checkpoint_options(best_metric: str) -> dict[str, str]:
+  """Checkpointer options of a run that keeps its best checkpoints by task metric `best_metric`
+  (higher is better; saved as 'task/<metric>'); {} for the default, the validation loss."""
+  return {'best_metric': f'task/{best_metric}', 'best_mode': 'max'} if best_metric else {}
+
+
+def _saved_best_metric(workdir: str) -> str:
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      return ((json.load(f).get('task') or {}).get('best_metric')) or ''
+  except (OSError, ValueError):
+    return ''
+
+
 def _restore_workdir(workdir: str, step) -> tuple[Any, dict, int]:
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), async_save=False, keep_best=0)
+  # 'best' is by the metric the run kept its best checkpoints by (its config.json).
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), async_save=False, keep_best=0,
+                               **best_checkpoint_options(_saved_best_metric(workdir)))
   try:
     steps = ckpt.all_steps()
     if not steps:
