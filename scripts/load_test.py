@@ -1,16 +1,27 @@
 """Load test of the model server (loopback only, bounded request count and time), JSON output.
 
+  python scripts/load_test.py --variant=t5_tiny --out=experiments/results/serving/load_test.json
   python scripts/load_test.py --model_base_path=models/ --model=tiny          # starts a server
   python scripts/load_test.py --url=http://127.0.0.1:8000 --model=tiny        # uses a running one
 
-For each concurrency (1, 4, 16 by default) `--num_requests` streaming completions run through an
-asyncio client with that many in flight, and it reports, as vLLM's benchmark_serving defines them:
-request throughput (completed / duration), output tokens/s (sum of completion tokens / duration),
-TTFT (request sent -> first streamed token), TPOT ((latency - TTFT) / (output tokens - 1), for
-requests with more than one token) and ITL (time between consecutive streamed tokens), each mean,
-p50 and p99 in milliseconds. Its counts are cross-checked against the deltas of the server's
-/metrics (requests by status, generation tokens, TTFT histogram count). `ok` is true when no request
-failed, every cross-check holds and 16-client output tokens/s is at least 4x the 1-client figure.
+`--variant` exports a bundle of that variant (fresh initial weights, a small tokenizer trained on
+the bundled corpus) to a temporary base path and serves it. The server starts fresh, then:
+
+1. fresh vs after a burst: one greedy client (`--probe_requests` requests) on the fresh server,
+   then twice a burst of sampled traffic (16 clients) followed by the same greedy probe; the TPOT
+   ratio is the mean of the after-burst probes' p50 TPOT over the fresh one's (1.0: idle slots
+   that last held sampled requests cost nothing; the ratio of means is reported too).
+2. For each concurrency (1, 4, 16, 32) a greedy and a sampled (`--temperature`) level, alternating,
+   each of `--num_requests` streaming completions with that many in flight; every level sends the
+   same prompts (random ids of `--prompt_len`).
+
+Per level, as vLLM's benchmark_serving defines them: request throughput (completed / duration),
+output tokens/s (sum of completion tokens / duration), TTFT (request sent -> first streamed token),
+TPOT ((latency - TTFT) / (output tokens - 1), for requests with more than one token) and ITL (time
+between consecutive streamed tokens), each mean, p50 and p99 in milliseconds, and failures. Counts
+are cross-checked against the deltas of the server's /metrics. `ok`: no request failed, every
+cross-check holds, 16 clients reach at least 8x the output tokens/s of 1 client (greedy and
+sampled), and the fresh-vs-after-burst TPOT ratio is within 1.2.
 """
 from __future__ import annotations
 
@@ -21,12 +32,20 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from urllib.parse import urlparse
 
 import httpx
+import jax
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
+
+from t5like.config import get_variant
+from t5like.data import corpus
+from t5like.data import tokenizer as tokenizer_lib
+from t5like.models import init_params
+from t5like.serve import bundle
 
 LOOPBACK = ('127.0.0.1', 'localhost', '::1')
 
@@ -79,12 +98,17 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> dict:
           'prompt_tokens': usage['prompt_tokens']}
 
 
-async def run_level(url: str, model: str, concurrency: int, num_requests: int, max_tokens: int,
-                    max_seconds: float, prompt_len: int) -> dict:
-  rng = np.random.default_rng(concurrency)
-  bodies = [{'model': model, 'prompt': [int(t) for t in rng.integers(3, 300, prompt_len)],
-             'max_tokens': max_tokens, 'temperature': 0, 'stream': True,
-             'stream_options': {'include_usage': True}} for _ in range(num_requests)]
+def make_bodies(model: str, num_requests: int, max_tokens: int, prompt_len: int,
+                temperature: float) -> list[dict]:
+  """The same prompts for every level (a fixed seed); sampled requests get one seed each."""
+  rng = np.random.default_rng(0)
+  return [{'model': model, 'prompt': [int(t) for t in rng.integers(3, 300, prompt_len)],
+           'max_tokens': max_tokens, 'temperature': temperature, 'stream': True,
+           **({'seed': i} if temperature > 0 else {}),
+           'stream_options': {'include_usage': True}} for i in range(num_requests)]
+
+
+async def run_level(url: str, bodies: list[dict], concurrency: int, max_seconds: float) -> dict:
   sem = asyncio.Semaphore(concurrency)
   deadline = time.perf_counter() + max_seconds
   limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -101,7 +125,8 @@ async def run_level(url: str, model: str, concurrency: int, num_requests: int, m
   ok = [r for r in done if r['ok']]
   out_tokens = sum(r['output_tokens'] for r in ok)
   return {
-      'concurrency': concurrency, 'requests': len(done), 'completed': len(ok),
+      'concurrency': concurrency, 'temperature': bodies[0]['temperature'],
+      'requests': len(done), 'completed': len(ok),
       'failed': len(done) - len(ok), 'errors': sorted({r['error'] for r in done if not r['ok']})[:5],
       'duration_s': duration, 'request_throughput': len(ok) / duration,
       'output_tokens': out_tokens, 'output_tokens_per_s': out_tokens / duration,
@@ -132,6 +157,15 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def export_variant(variant: str, base_path: str) -> None:
+  """A bundle of `variant` with fresh initial weights under `<base_path>/<variant>/1`."""
+  cfg = get_variant(variant)
+  tok = tokenizer_lib.train_tokenizer(corpus.shakespeare_documents()[:2],
+                                      min(400, cfg.vocab_size - 112), max_sentences=2000)
+  params = jax.device_get(init_params(cfg, jax.random.key(0)))
+  bundle.export_bundle(params, cfg, tok, os.path.join(base_path, variant, '1'))
+
+
 def start_server(args) -> tuple[subprocess.Popen, str]:
   port = free_port()
   cmd = [sys.executable, '-m', 't5like.serve', f'--model_base_path={args.model_base_path}',
@@ -154,58 +188,105 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
   raise SystemExit(f'server not ready within {args.startup_timeout_s}s')
 
 
+def measure(url: str, model: str, bodies: list[dict], concurrency: int, max_seconds: float):
+  before = scrape(url)
+  level = asyncio.run(run_level(url, bodies, concurrency, max_seconds))
+  time.sleep(0.2)   # the server records a request just after its last byte
+  level['metrics_check'] = check_metrics(before, scrape(url), level, model)
+  print(f'concurrency {concurrency} T={bodies[0]["temperature"]}: '
+        f'{level["output_tokens_per_s"]:.0f} output tok/s, TPOT p50 '
+        f'{level["tpot_ms"]["p50"]:.2f} ms, {level["failed"]} failed, metrics match: '
+        f'{level["metrics_check"]["match"]}', file=sys.stderr)
+  return level
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--url', default='', help='a running server (loopback only)')
   p.add_argument('--model_base_path', default='', help='start a server over this base path')
-  p.add_argument('--model', required=True)
-  p.add_argument('--concurrency', default='1,4,16')
-  p.add_argument('--num_requests', type=int, default=32, help='per concurrency level')
+  p.add_argument('--variant', default='', help='start a server over a fresh bundle of this variant')
+  p.add_argument('--model', default='', help='model name (default: the variant)')
+  p.add_argument('--concurrency', default='1,4,16,32')
+  p.add_argument('--num_requests', type=int, default=64, help='per level')
+  p.add_argument('--probe_requests', type=int, default=16, help='greedy 1-client TPOT probes')
+  p.add_argument('--temperature', type=float, default=0.8, help='of the sampled levels')
   p.add_argument('--max_tokens', type=int, default=64)
   p.add_argument('--prompt_len', type=int, default=16)
-  p.add_argument('--max_seconds', type=float, default=120, help='per level; later requests skip')
-  p.add_argument('--num_slots', type=int, default=16)
+  p.add_argument('--max_seconds', type=float, default=180, help='per level; later requests skip')
+  p.add_argument('--num_slots', type=int, default=32)
   p.add_argument('--prompt_buckets', default='32')
   p.add_argument('--startup_timeout_s', type=float, default=600)
   p.add_argument('--out', default='', help='also write the JSON here')
   args = p.parse_args(argv)
-  if bool(args.url) == bool(args.model_base_path):
-    p.error('pass exactly one of --url and --model_base_path')
-  proc = None
+  if sum(map(bool, (args.url, args.model_base_path, args.variant))) != 1:
+    p.error('pass exactly one of --url, --model_base_path and --variant')
+  model = args.model or args.variant
+  if not model:
+    p.error('--model is required with --url or --model_base_path')
+  proc, tmp = None, None
   if args.url:
     host = urlparse(args.url).hostname
     if host not in LOOPBACK:
       p.error(f'--url host {host!r} is not loopback; this load test only targets this machine')
     url = args.url.rstrip('/')
   else:
+    if args.variant:
+      tmp = tempfile.TemporaryDirectory(prefix='load_test_')
+      args.model_base_path = tmp.name
+      export_variant(args.variant, tmp.name)
     proc, url = start_server(args)
+  concurrency = [int(x) for x in args.concurrency.split(',')]
+  greedy = make_bodies(model, args.num_requests, args.max_tokens, args.prompt_len, 0.0)
+  sampled = make_bodies(model, args.num_requests, args.max_tokens, args.prompt_len,
+                        args.temperature)
+  probe = greedy[:args.probe_requests]
   try:
-    levels = []
-    for c in (int(x) for x in args.concurrency.split(',')):
-      before = scrape(url)
-      level = asyncio.run(run_level(url, args.model, c, args.num_requests, args.max_tokens,
-                                    args.max_seconds, args.prompt_len))
-      time.sleep(0.2)   # the server records a request just after its last byte
-      level['metrics_check'] = check_metrics(before, scrape(url), level, args.model)
-      levels.append(level)
-      print(f'concurrency {c}: {level["output_tokens_per_s"]:.0f} output tok/s, '
-            f'{level["failed"]} failed, metrics match: {level["metrics_check"]["match"]}',
-            file=sys.stderr)
+    # 1. Greedy TPOT on the fresh server, then after bursts of sampled traffic.
+    fresh = measure(url, model, probe, 1, args.max_seconds)
+    after = []
+    for _ in range(2):
+      measure(url, model, sampled[:32], 16, args.max_seconds)
+      after.append(measure(url, model, probe, 1, args.max_seconds))
+    # p50s: robust to the stalls of a shared machine; the means are kept beside them.
+    ratio = (float(np.mean([a['tpot_ms']['p50'] for a in after])) / fresh['tpot_ms']['p50']
+             if fresh['tpot_ms']['p50'] else None)
+    ratio_mean = (float(np.mean([a['tpot_ms']['mean'] for a in after])) / fresh['tpot_ms']['mean']
+                  if fresh['tpot_ms']['mean'] else None)
+    # 2. Greedy and sampled levels, alternating.
+    levels = {'greedy': [], 'sampled': []}
+    for c in concurrency:
+      levels['greedy'].append(measure(url, model, greedy, c, args.max_seconds))
+      levels['sampled'].append(measure(url, model, sampled, c, args.max_seconds))
   finally:
     if proc is not None:
       proc.terminate()
       proc.wait(timeout=120)
-  by_c = {l['concurrency']: l for l in levels}
-  speedup = (by_c[16]['output_tokens_per_s'] / by_c[1]['output_tokens_per_s']
-             if 1 in by_c and 16 in by_c and by_c[1]['output_tokens_per_s'] else None)
-  report = {'model': args.model, 'max_tokens': args.max_tokens, 'prompt_len': args.prompt_len,
-            'num_requests': args.num_requests, 'levels': levels,
-            'speedup_16_vs_1': speedup,
-            'ok': (all(l['failed'] == 0 and l['metrics_check']['match'] for l in levels)
-                   and (speedup is None or speedup >= 4.0))}
+    if tmp is not None:
+      tmp.cleanup()
+
+  def tps(mode, c):
+    return next((l['output_tokens_per_s'] for l in levels[mode] if l['concurrency'] == c), None)
+  speedup = {m: (tps(m, 16) / tps(m, 1) if tps(m, 16) and tps(m, 1) else None) for m in levels}
+  sampled_vs_greedy = {c: tps('sampled', c) / tps('greedy', c) for c in concurrency
+                       if tps('greedy', c)}
+  all_levels = [fresh, *after] + levels['greedy'] + levels['sampled']
+  report = {
+      'model': model, 'variant': args.variant or None, 'num_slots': args.num_slots,
+      'max_tokens': args.max_tokens, 'prompt_len': args.prompt_len,
+      'num_requests': args.num_requests, 'temperature_sampled': args.temperature,
+      'machine': {'cpus': os.cpu_count(), 'load_avg_at_end': os.getloadavg(),
+                  'note': 'shared machine: other jobs ran during the measurement'},
+      'fresh_vs_after_burst': {'fresh': fresh, 'after_burst': after, 'tpot_p50_ratio': ratio,
+                               'tpot_mean_ratio': ratio_mean},
+      'levels': levels, 'speedup_16_vs_1': speedup,
+      'sampled_vs_greedy_tokens_per_s': sampled_vs_greedy,
+      'ok': bool(all(l['failed'] == 0 and l['metrics_check']['match'] for l in all_levels)
+             and all(v is None or v >= 8.0 for v in speedup.values())
+             and ratio is not None and ratio <= 1.2)}
   text = json.dumps(report, indent=2)
   print(text)
   if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
       f.write(text + '\n')
   return report

@@ -56,16 +56,33 @@ def filter_logits(logits_BV, temperature, top_k, top_p):
   return jnp.where(scaled_BV < cutoff_B1, neg_inf, scaled_BV)
 
 
+def draw(logits_BV, keys_B):
+  """One token per row [B] int32 from softmax(logits), by inverse CDF: one uniform per row
+  against the cumulative sum. jax.random.categorical's Gumbel-max draws a random number per
+  vocabulary entry, which on a CPU costs about ten greedy picks."""
+  p_BV = jnp.exp(logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True))
+  cdf_BV = jnp.cumsum(p_BV, axis=-1)
+  u_B = jax.vmap(jax.random.uniform)(keys_B)
+  return jnp.sum(cdf_BV < (u_B * cdf_BV[:, -1])[:, None], axis=-1).astype(jnp.int32)
+
+
 def sample(logits_BV, keys_B, temperature, top_k=0, top_p=1.0):
   """One token per row [B] int32: drawn from the filtered logits with that row's key, or the
-  argmax where the row's temperature is <= 0 (when every row is greedy, nothing is drawn)."""
-  B = logits_BV.shape[0]
+  argmax where the row's temperature is <= 0. Three paths, by what the rows ask: all greedy
+  (nothing drawn), temperature only (no sort over the vocabulary), or top-k / top-p filtering."""
+  B, V = logits_BV.shape
   t_B = _rows(temperature, B, jnp.float32)
+  k_B, p_B = _rows(top_k, B, jnp.int32), _rows(top_p, B, jnp.float32)
   greedy_B = argmax(logits_BV)
 
-  def draw(_):
-    filtered_BV = filter_logits(logits_BV, t_B, top_k, top_p)
-    drawn_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BV).astype(jnp.int32)
+  def plain(_):
+    drawn_B = draw(logits_BV / jnp.maximum(t_B, 1e-6)[:, None], keys_B)
     return jnp.where(t_B <= 0, greedy_B, drawn_B)
 
-  return jax.lax.cond(jnp.all(t_B <= 0), lambda _: greedy_B, draw, None)
+  def filtered(_):
+    drawn_B = draw(filter_logits(logits_BV, t_B, k_B, p_B), keys_B)
+    return jnp.where(t_B <= 0, greedy_B, drawn_B)
+
+  filters = jnp.any((t_B > 0) & (((k_B > 0) & (k_B < V)) | (p_B < 1.0)))
+  path = jnp.where(jnp.all(t_B <= 0), 0, jnp.where(filters, 2, 1))
+  return jax.lax.switch(path, [lambda _: greedy_B, plain, filtered], None)

@@ -6,11 +6,12 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from t5like.config import get_variant
-from t5like.infer import decode
+from t5like.infer import decode, sampling
 from t5like.infer.engine import (Engine, EngineError, QueueFull, Request, RequestTooLong,
                                  SamplingParams)
 from random_weights import random_params
@@ -219,3 +220,20 @@ def test_queue_full_shutdown_and_close(model):
   assert all(x.is_deleted() for x in held) and engine.params is None
   # Weights the decoding layout leaves alone are shared with the given tree, and freed with it.
   assert params['decoder']['final_norm']['scale'].is_deleted()
+
+
+def test_sampler_draws_from_the_distribution():
+  """The inverse-CDF draw the engine's sampler uses: frequencies follow softmax(logits / T), a
+  removed (filtered) entry is never drawn, and both paths match for the same keys."""
+  probs = np.asarray([0.5, 0.3, 0.15, 0.05, 0.0], np.float32)
+  logits = jnp.log(jnp.asarray(np.tile(probs, (8192, 1))))
+  keys = jax.random.key_data(jax.random.split(jax.random.key(0), 8192))
+  toks = np.asarray(sampling.sample(logits, keys, 1.0))
+  freq = np.bincount(toks, minlength=5) / len(toks)
+  np.testing.assert_allclose(freq, probs, atol=0.02)
+  assert freq[4] == 0
+  filtered = np.asarray(sampling.sample(logits, keys, 1.0, top_k=2))
+  assert set(filtered.tolist()) == {0, 1}
+  # Temperature only and a filter that keeps everything take different paths, same draws.
+  np.testing.assert_array_equal(np.asarray(sampling.sample(logits, keys, 0.7)),
+                                np.asarray(sampling.sample(logits, keys, 0.7, top_k=5)))
