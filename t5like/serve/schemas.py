@@ -22,6 +22,7 @@ MAX_DEPTH = 32            # JSON nesting; OpenAI bodies need at most 5
 MAX_STOP = 4
 MAX_LOGPROBS = 20         # top-N alternatives per token (OpenAI's chat limit)
 MAX_N = 16                # choices per prompt
+MAX_BATCH = 64            # prompts per request
 
 ERROR_TYPES = {400: 'invalid_request_error', 401: 'authentication_error', 403: 'permission_error',
                404: 'not_found_error', 405: 'invalid_request_error', 409: 'conflict_error',
@@ -48,8 +49,10 @@ class ApiError(Exception):
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Count = Annotated[int, Field(ge=1, le=INT32_MAX)]
 Prompt = Union[Annotated[str, Field(min_length=1)], Annotated[list[TokenId], Field(min_length=1)],
-               Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)],
-               Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]]
+               Annotated[list[Annotated[str, Field(min_length=1)]],
+                         Field(min_length=1, max_length=MAX_BATCH)],
+               Annotated[list[Annotated[list[TokenId], Field(min_length=1)]],
+                         Field(min_length=1, max_length=MAX_BATCH)]]
 
 
 class _Body(BaseModel):

@@ -150,6 +150,7 @@ BAD = [
     ('presence_penalty', {'model': 'tiny', 'prompt': 'x', 'presence_penalty': 0.5}, 400,
      'presence_penalty'),
     ('empty batch', {'model': 'tiny', 'prompt': []}, 400, 'prompt'),
+    ('batch over 64 prompts', {'model': 'tiny', 'prompt': ['a'] * 65}, 400, 'prompt'),
     ('one prompt of a batch too long', {'model': 'tiny', 'prompt': ['a', LONG]}, 400, 'prompt'),
     ('top_k over int32', {'model': 'tiny', 'prompt': 'x', 'top_k': 2 ** 31}, 400, 'top_k'),
     ('max_tokens over int32', {'model': 'tiny', 'prompt': 'x', 'max_tokens': 2 ** 40}, 400,
