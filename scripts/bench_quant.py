@@ -47,7 +47,7 @@ def quant(variant: str = 't5_small', batch: int = 1, source_len: int = 32, new_t
   for name in settings:
     s = SETTINGS[name]
     if s['scheme'] is None:
-      p, c = params, cfg.replace(activation_quant=s['act'])
+      p, c = params, cfg.with_quant(activations=s['act'])
     else:
       p, c = quantize.quantize_params(params, cfg, s['scheme'], group_size=128,
                                       activation_quant=s['act'])

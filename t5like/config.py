@@ -15,6 +15,78 @@ class ConfigError(ValueError):
   """A configuration value or key is invalid; the message names it."""
 
 
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+  if value not in choices:
+    raise ConfigError(f'{name}={value!r} is not valid; choose one of {list(choices)}')
+
+
+QUANT_WEIGHTS = ('none', 'int8', 'int4')
+QUANT_ACTIVATIONS = ('none', 'dynamic', 'static')
+QUANT_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """Quantisation of a model's layers (t5like/models/quant.py picks the layers from it).
+
+  weights: the scheme the parameters are stored in ('none', 'int8' per output channel, 'int4'
+  per `group_size` contraction elements; compress/quantize.py converts float params);
+  activations: 'none', 'dynamic' (each token's row to int8 at run time, integer matmuls) or
+  'static' (calibrated input scales stored with quantised weights); qat: fake quantisation
+  (straight-through estimator) of float weights in training: 'none', 'int8', 'int4'.
+  """
+  weights: str = 'none'
+  group_size: int = 128
+  activations: str = 'none'
+  qat: str = 'none'
+
+  def __post_init__(self):
+    _check_choice('model.quant.weights', self.weights, QUANT_WEIGHTS)
+    _check_choice('model.quant.activations', self.activations, QUANT_ACTIVATIONS)
+    _check_choice('model.quant.qat', self.qat, QUANT_WEIGHTS)
+    if self.group_size <= 0:
+      raise ConfigError(f'model.quant.group_size must be positive, got {self.group_size}')
+
+  @property
+  def active(self) -> bool:
+    """Whether any quantisation is on (else the model is a float model)."""
+    return (self.weights, self.activations, self.qat) != ('none', 'none', 'none')
+
+
+# The flat ModelConfig fields QuantConfig replaced: still read from saved configs and accepted by
+# `from_dict` / `ModelConfig.replace`, mapped to `quant`.
+_LEGACY_QUANT_KEYS = {'weight_quant': 'weights', 'weight_quant_group_size': 'group_size',
+                      'activation_quant': 'activations', 'qat': 'qat'}
+
+
+def _map_legacy_quant(values: Mapping[str, Any], prefix: str = 'model',
+                      base: QuantConfig | None = None) -> dict:
+  """`values` with old flat quantisation keys moved into `quant` (over `base`, if given; an error
+  names a clash with a `quant` given alongside)."""
+  legacy = {k: v for k, v in values.items() if k in _LEGACY_QUANT_KEYS}
+  if not legacy:
+    return dict(values)
+  out = {k: v for k, v in values.items() if k not in legacy}
+  quant = out.get('quant', base or {})
+  quant = dataclasses.asdict(quant) if isinstance(quant, QuantConfig) else dict(quant)
+  for old, value in legacy.items():
+    new = _LEGACY_QUANT_KEYS[old]
+    if 'quant' in values and new in quant and quant[new] != value:
+      raise ConfigError(f'{prefix}.{old}={value!r} (an old name of {prefix}.quant.{new}) '
+                        f'conflicts with {prefix}.quant.{new}={quant[new]!r}; keep only quant')
+    quant[new] = value
+  out['quant'] = quant
+  return out
+
+
+ARCHS = ('encdec', 'decoder')
+FFN_ACTIVATIONS = ('relu', 'gated-gelu', 'gelu', 'swiglu')
+POSITIONS = ('relative', 'rope')
+PRECISIONS = ('f32', 'bf16', 'pure_bf16', 'fp16')      # t5like.precision.POLICIES
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_with_no_batch_dims',
+                  'save_nothing_but_params')           # t5like.models.layers.REMAT_POLICIES
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture of one model. `arch` is 'encdec' (T5) or 'decoder' (decoder-only)."""
@@ -40,27 +112,19 @@ class ModelConfig:
   # Cross-layer parameter sharing (ALBERT): layers are split into this many groups of consecutive
   # layers; each group shares one set of weights. 0 means no sharing.
   shared_layer_groups: int = 0
-  # Weight quantisation the parameters are stored in: 'none', 'int8', 'int4'; and whether
-  # activations are quantised at run time for integer matmuls ('none', 'dynamic', 'static').
-  weight_quant: str = 'none'
-  weight_quant_group_size: int = 128
-  activation_quant: str = 'none'
-  # Fake quantisation (straight-through estimator) in training: 'none', 'int8', 'int4'.
-  qat: str = 'none'
+  quant: QuantConfig = QuantConfig()     # stored / run-time / fake quantisation
   pad_id: int = 0
   eos_id: int = 1
   decoder_start_id: int = 0
 
   def __post_init__(self):
-    _check_choice('model.arch', self.arch, ('encdec', 'decoder'))
-    _check_choice('model.ffn_activation', self.ffn_activation, ('relu', 'gated-gelu', 'gelu', 'swiglu'))
-    _check_choice('model.position', self.position, ('relative', 'rope'))
-    _check_choice('model.weight_quant', self.weight_quant, ('none', 'int8', 'int4'))
-    _check_choice('model.activation_quant', self.activation_quant, ('none', 'dynamic', 'static'))
-    _check_choice('model.qat', self.qat, ('none', 'int8', 'int4'))
-    _check_choice('model.precision', self.precision, ('f32', 'bf16', 'pure_bf16', 'fp16'))
-    _check_choice('model.remat_policy', self.remat_policy,
-                  ('none', 'full', 'dots', 'dots_with_no_batch_dims', 'save_nothing_but_params'))
+    _check_choice('model.arch', self.arch, ARCHS)
+    _check_choice('model.ffn_activation', self.ffn_activation, FFN_ACTIVATIONS)
+    _check_choice('model.position', self.position, POSITIONS)
+    if not isinstance(self.quant, QuantConfig):
+      raise ConfigError(f'model.quant must be a QuantConfig, got {type(self.quant).__name__}')
+    _check_choice('model.precision', self.precision, PRECISIONS)
+    _check_choice('model.remat_policy', self.remat_policy, REMAT_POLICIES)
     for f in ('vocab_size', 'd_model', 'num_heads', 'head_dim', 'd_ff'):
       if getattr(self, f) <= 0:
         raise ConfigError(f'model.{f} must be positive, got {getattr(self, f)}')
@@ -86,12 +150,20 @@ class ModelConfig:
     return self.arch == 'encdec'
 
   def replace(self, **kw) -> 'ModelConfig':
+    if any(k in _LEGACY_QUANT_KEYS for k in kw):
+      kw = _map_legacy_quant(kw, base=self.quant)
+      kw['quant'] = QuantConfig(**kw['quant'])
     return dataclasses.replace(self, **kw)
 
+  def with_quant(self, **kw) -> 'ModelConfig':
+    """This config with QuantConfig fields replaced (weights=, group_size=, activations=, qat=)."""
+    return dataclasses.replace(self, quant=dataclasses.replace(self.quant, **kw))
 
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
-  if value not in choices:
-    raise ConfigError(f'{name}={value!r} is not valid; choose one of {list(choices)}')
+  # Read-only old names of the quant fields, for code not yet moved to `cfg.quant`.
+  weight_quant = property(lambda self: self.quant.weights)
+  weight_quant_group_size = property(lambda self: self.quant.group_size)
+  activation_quant = property(lambda self: self.quant.activations)
+  qat = property(lambda self: self.quant.qat)
 
 
 _T5_1_0 = dict(ffn_activation='relu', tie_embeddings=True, vocab_size=32128, dropout_rate=0.1)
@@ -147,6 +219,8 @@ def from_dict(cls, values: Mapping[str, Any], prefix: str = ''):
   fields = {f.name: f for f in dataclasses.fields(cls)}
   hints = typing.get_type_hints(cls)
   kwargs = {}
+  if cls is ModelConfig:
+    values = _map_legacy_quant(values, prefix or 'model')
   for key, value in values.items():
     where = f'{prefix}.{key}' if prefix else key
     if key not in fields:

@@ -30,9 +30,8 @@ from t5like.models import layers
 def sparse_ffn(mlp: layers.MLP, x_BTD, k: int):
   """The FFN of bound module `mlp` with per-token top-k activations (see the module docstring)."""
   cfg = mlp.cfg
-  if cfg.weight_quant != 'none' or cfg.qat != 'none' or cfg.activation_quant != 'none':
-    raise ValueError('dynamic.ffn_topk needs a float model (model.weight_quant / qat / '
-                     'activation_quant must be none)')
+  if cfg.quant.active:
+    raise ValueError(f'dynamic.ffn_topk needs a float model; model.quant is {cfg.quant}')
   if not 0 < k <= cfg.d_ff:
     raise ValueError(f'dynamic.ffn_topk: k={k} must be in [1, d_ff={cfg.d_ff}]')
   policy = layers.policy_of(cfg)

@@ -52,22 +52,22 @@ def quantize_params(params, cfg: ModelConfig, scheme: str = 'int8', *, group_siz
   """Float params -> (quantised params, the ModelConfig that runs them). Jittable, eval_shape-able.
 
   scheme: 'int8' (per output channel) or 'int4' (group-wise, `group_size` along the contraction,
-  default `cfg.weight_quant_group_size`); scale_dtype: 'float32' or 'bfloat16';
-  activation_quant: None keeps `cfg.activation_quant`, else 'none' / 'dynamic' / 'static';
+  default `cfg.quant.group_size`); scale_dtype: 'float32' or 'bfloat16';
+  activation_quant: None keeps `cfg.quant.activations`, else 'none' / 'dynamic' / 'static';
   calibration_inputs: a batch dict (T5X keys) or a tuple of model inputs, required for 'static'
   (the input scales are the absmax over it / 127).
   """
   if scheme not in SCHEMES:
     raise ConfigError(f'quantisation scheme {scheme!r} is not valid; choose one of {list(SCHEMES)}')
-  if cfg.weight_quant != 'none':
-    raise ConfigError(f'params are already quantised (model.weight_quant={cfg.weight_quant!r}); '
-                      'quantise the float params of the model')
+  if cfg.quant.weights != 'none':
+    raise ConfigError(f'params are already quantised (model.quant.weights='
+                      f'{cfg.quant.weights!r}); quantise the float params of the model')
   if scale_dtype not in _SCALE_DTYPES:
     raise ConfigError(f'scale_dtype={scale_dtype!r} is not valid; choose one of '
                       f'{sorted(_SCALE_DTYPES)}')
-  act = cfg.activation_quant if activation_quant is None else activation_quant
-  qcfg = cfg.replace(weight_quant=scheme, activation_quant=act, qat='none',
-                     weight_quant_group_size=group_size or cfg.weight_quant_group_size)
+  act = cfg.quant.activations if activation_quant is None else activation_quant
+  qcfg = cfg.with_quant(weights=scheme, activations=act, qat='none',
+                        group_size=group_size or cfg.quant.group_size)
   if act == 'static' and calibration_inputs is None:
     raise ConfigError("activation_quant='static' needs calibration_inputs (a batch of typical "
                       "inputs) to set the input scales")

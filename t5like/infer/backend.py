@@ -261,8 +261,8 @@ def kernel_obstacle(cfg: ModelConfig) -> str | None:
   q = []
   if precision.get_policy(cfg.precision).compute_dtype != jnp.float32:
     q.append(f'model.precision={cfg.precision!r} (the kernels compute in float32)')
-  if cfg.weight_quant != 'none' or cfg.qat != 'none' or cfg.activation_quant != 'none':
-    q.append('quantised weights or activations')
+  if cfg.quant.active:
+    q.append(f'model.quant={cfg.quant} (the kernels take float weights and activations)')
   return '; '.join(q) or None
 
 

@@ -261,12 +261,13 @@ def check_exportable(cfg: ModelConfig) -> None:
                                    'position bias'),
       (cfg.shared_layer_groups != 0, f'model.shared_layer_groups={cfg.shared_layer_groups}: HF T5 '
                                      'has no cross-layer sharing; unshare the layers first'),
-      (cfg.weight_quant != 'none', f'model.weight_quant={cfg.weight_quant!r}: HF T5 holds float '
-                                   'weights; dequantise first'),
-      (cfg.activation_quant != 'none', f'model.activation_quant={cfg.activation_quant!r} has no '
-                                       'HF T5 equivalent'),
-      (cfg.qat != 'none', f"model.qat={cfg.qat!r}: HF T5 has no fake quantisation; export with "
-                          "cfg.replace(qat='none') to write the float weights"),
+      (cfg.quant.weights != 'none', f'model.quant.weights={cfg.quant.weights!r}: HF T5 holds '
+                                    'float weights; dequantise first'),
+      (cfg.quant.activations != 'none', f'model.quant.activations={cfg.quant.activations!r} has '
+                                        'no HF T5 equivalent'),
+      (cfg.quant.qat != 'none', f"model.quant.qat={cfg.quant.qat!r}: HF T5 has no fake "
+                                "quantisation; export with cfg.with_quant(qat='none') to write the "
+                                'float weights'),
       (cfg.ffn_activation not in _FFN_TO_HF, f'model.ffn_activation={cfg.ffn_activation!r} has '
                                              'no HF T5 feed_forward_proj'),
   ]

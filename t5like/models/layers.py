@@ -125,18 +125,18 @@ def tied_logits(cfg: ModelConfig, x_BTD, table_VD):
 
 def einsum_class(cfg: ModelConfig):
   """The projection layer of this config: float, stored-quantised or fake-quantised weights."""
-  if cfg.weight_quant != 'none':
+  if cfg.quant.weights != 'none':
     return quant.QuantEinsum
-  if cfg.qat != 'none' or cfg.activation_quant != 'none':
+  if cfg.quant.qat != 'none' or cfg.quant.activations != 'none':
     return quant.FakeQuantEinsum
   return Einsum
 
 
 def embed_class(cfg: ModelConfig):
   """The token embedding of this config (its tied output layer included)."""
-  if cfg.weight_quant != 'none':
+  if cfg.quant.weights != 'none':
     return quant.QuantEmbed
-  if cfg.qat != 'none':
+  if cfg.quant.qat != 'none':
     return quant.FakeQuantEmbed
   return Embed
 

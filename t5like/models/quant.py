@@ -4,22 +4,23 @@ Shape letters: C the contraction (a projection's leading `contract_dims` kernel 
 O its output dims (flattened), K = C / G weight groups, G group size, M rows (batch x length),
 V vocab, D d_model.
 
-`layers.einsum_class(cfg)` / `layers.embed_class(cfg)` choose these layers from the config:
-- `QuantEinsum` (`weight_quant` 'int8' / 'int4'): stored integer weights. 'int8': symmetric, one
+`layers.einsum_class(cfg)` / `layers.embed_class(cfg)` choose these layers from `cfg.quant`
+(a QuantConfig):
+- `QuantEinsum` (`quant.weights` 'int8' / 'int4'): stored integer weights. 'int8': symmetric, one
   scale per output channel: `qkernel` (int8, the kernel's shape and logical axes) and `qscale`
-  [O...]. 'int4': symmetric, one scale per group of G (`weight_quant_group_size`: 32, 64, 128)
+  [O...]. 'int4': symmetric, one scale per group of G (`quant.group_size`: 32, 64, 128)
   consecutive contraction elements and output channel; two values a byte along the contraction:
   `qkernel` uint8 [C/2, O...], `qscale` [C/G, O...] (the logical name of the contraction is that
   of the kernel's first, most-major contraction dim, so the flattened dim shards like it did).
 - `QuantEmbed`: the embedding [V, D] as `quant/qembedding` (int8 [V, D] or uint8 [V, D/2]) with
   `quant/qscale` per row ([V]) or per row and group of D ([V, D/G]): rows are scaled for the
   lookup and the output channels of the tied output layer at once.
-- `FakeQuantEinsum` / `FakeQuantEmbed` (float weights): `qat` quantises and dequantises the kernel
-  in the forward pass with a straight-through estimator (`w + stop_gradient(q(w) - w)`: the
+- `FakeQuantEinsum` / `FakeQuantEmbed` (float weights): `quant.qat` quantises and dequantises the
+  kernel in the forward pass with a straight-through estimator (`w + stop_gradient(q(w) - w)`: the
   gradient is the identity's; with absmax scales no weight lies outside the clip range), and
-  `activation_quant='dynamic'` quantises both operands of a projection to int8 at run time.
+  `quant.activations='dynamic'` quantises both operands of a projection to int8 at run time.
 
-Activations with stored weights (`activation_quant`): 'dynamic' quantises each token's input row
+Activations with stored weights (`quant.activations`): 'dynamic' quantises each token's input row
 to int8 at run time (absmax / 127), so the projection is int8 x int8 with int32 accumulation,
 rescaled by the token scale times the weight scale; with int4 weights the int32 products are
 accumulated per group and then rescaled per group. 'static' uses one calibrated input scale per
@@ -53,10 +54,10 @@ import jax.numpy as jnp
 import qwix
 
 from t5like import precision
-from t5like.config import ConfigError, ModelConfig
+from t5like.config import QUANT_GROUP_SIZES, QUANT_WEIGHTS, ConfigError, ModelConfig
 
-SCHEMES = ('int8', 'int4')
-GROUP_SIZES = (32, 64, 128)
+SCHEMES = QUANT_WEIGHTS[1:]   # ('int8', 'int4')
+GROUP_SIZES = QUANT_GROUP_SIZES
 
 
 # ----------------------------------------------------------------------------- int4 packing
@@ -87,12 +88,12 @@ def check_group_size(scheme: str, contraction: int, group_size: int, where: str 
   if scheme != 'int4':
     return
   if group_size not in GROUP_SIZES:
-    raise ConfigError(f'model.weight_quant_group_size={group_size} is not valid for int4; choose '
+    raise ConfigError(f'model.quant.group_size={group_size} is not valid for int4; choose '
                       f'one of {list(GROUP_SIZES)}')
   if contraction % group_size:
     fits = [g for g in GROUP_SIZES if contraction % g == 0]
     raise ConfigError(f'{where}: contraction size {contraction} is not a multiple of '
-                      f'model.weight_quant_group_size={group_size}; choose one of {fits}')
+                      f'model.quant.group_size={group_size}; choose one of {fits}')
 
 
 def _quantize_2d(w_CO, scheme: str, group_size: int):
@@ -214,7 +215,7 @@ def _policy(cfg: ModelConfig) -> precision.Policy:
 
 
 class QuantEinsum(nn.Module):
-  """A projection with stored quantised weights (`cfg.weight_quant`); the fields of layers.Einsum.
+  """A projection with stored quantised weights (`cfg.quant.weights`); the fields of layers.Einsum.
 
   With a float `kernel` in the module's params (conversion, see compress/quantize.py) it creates
   `qkernel` / `qscale` from it and returns the float result; at init it quantises a fresh normal
@@ -231,7 +232,7 @@ class QuantEinsum(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg, policy = self.cfg, _policy(self.cfg)
-    scheme, G, c = cfg.weight_quant, cfg.weight_quant_group_size, self.contract_dims
+    scheme, G, c = cfg.quant.weights, cfg.quant.group_size, self.contract_dims
     where = '/'.join(self.path) or type(self).__name__
     _parse_spec(self.spec, c, where)
     shape = tuple(self.kernel_shape)
@@ -258,20 +259,20 @@ class QuantEinsum(nn.Module):
     lead = x.shape[:x.ndim - c]
     x_MC = x.reshape(-1, C)
     act_scale = None
-    if cfg.activation_quant == 'static':
+    if cfg.quant.activations == 'static':
       act_scale = _declare_act_scale(self, x_MC, conversion)
     if conversion:
       return jnp.einsum(self.spec, x, w.astype(policy.compute_dtype),
                         preferred_element_type=jnp.float32).astype(out_dtype)
     q_CO, s = _unpacked_2d(qkernel, qscale, C, scheme)
-    y_MO = _quantized_matmul_2d(x_MC, q_CO, s, scheme, cfg.activation_quant, act_scale,
+    y_MO = _quantized_matmul_2d(x_MC, q_CO, s, scheme, cfg.quant.activations, act_scale,
                                 policy.compute_dtype)
     return y_MO.reshape(lead + O).astype(out_dtype)
 
 
 class FakeQuantEinsum(nn.Module):
-  """A float-weight projection with fake-quantised weights (`cfg.qat`) and / or int8 activations
-  quantised at run time (`cfg.activation_quant='dynamic'`); the fields of layers.Einsum."""
+  """A float-weight projection with fake-quantised weights (`cfg.quant.qat`) and / or int8
+  activations quantised at run time (`cfg.quant.activations='dynamic'`); the fields of layers.Einsum."""
   cfg: ModelConfig
   spec: str
   kernel_shape: tuple[int, ...]
@@ -289,14 +290,14 @@ class FakeQuantEinsum(nn.Module):
     kernel = fake_quant_kernel(kernel, cfg, self.contract_dims)
     x = policy.cast_to_compute(x)
     kernel = kernel.astype(policy.compute_dtype)
-    if cfg.activation_quant != 'none':
+    if cfg.quant.activations != 'none':
       return dynamic_einsum(self.spec, x, kernel, cfg, self.contract_dims, out_f32=self.out_f32)
     return jnp.einsum(self.spec, x, kernel,
                       preferred_element_type=jnp.float32 if self.out_f32 else None)
 
 
 class QuantEmbed(nn.Module):
-  """The token embedding with a stored quantised table (`cfg.weight_quant`): lookup and tied
+  """The token embedding with a stored quantised table (`cfg.quant.weights`): lookup and tied
   output layer, parameters under `quant/`."""
   cfg: ModelConfig
 
@@ -311,7 +312,7 @@ class QuantEmbed(nn.Module):
 
 
 class FakeQuantEmbed(nn.Module):
-  """A float token embedding whose tied output layer is fake-quantised (`cfg.qat`)."""
+  """A float token embedding whose tied output layer is fake-quantised (`cfg.quant.qat`)."""
   cfg: ModelConfig
 
   def setup(self):
@@ -336,7 +337,7 @@ class QuantTable(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    scheme, G = cfg.weight_quant, cfg.weight_quant_group_size
+    scheme, G = cfg.quant.weights, cfg.quant.group_size
     V, D = cfg.vocab_size, cfg.d_model
     check_group_size(scheme, D, G, '/'.join(self.path) or 'embedding')
     conversion = self.has_variable('params', 'embedding')
@@ -359,7 +360,7 @@ class QuantTable(nn.Module):
 
   def _rows(self, q_VX, s_VX):
     """Dequantised rows of (a gather of) the table: f32 [..., D]."""
-    if self.cfg.weight_quant == 'int8':
+    if self.cfg.quant.weights == 'int8':
       return q_VX.astype(jnp.float32) * s_VX[..., None].astype(jnp.float32)
     q = unpack_int4(q_VX, axis=-1).astype(jnp.float32)
     K = s_VX.shape[-1]
@@ -385,7 +386,7 @@ class QuantTable(nn.Module):
     B, T, D = x.shape
     x_MD = x.reshape(B * T, D)
     act_scale = None
-    if cfg.activation_quant == 'static':
+    if cfg.quant.activations == 'static':
       if self.conversion or not self.has_variable('params', 'act_scale'):
         value = jnp.maximum(jnp.max(jnp.abs(x_MD.astype(jnp.float32))), 1e-8) / 127.0
         self.put_variable('params', 'act_scale', nn.Partitioned(value, names=()))
@@ -393,8 +394,8 @@ class QuantTable(nn.Module):
     if self.conversion:
       return jnp.einsum('BTD,VD->BTV', x, self.float_table.astype(policy.compute_dtype),
                         preferred_element_type=jnp.float32)
-    scheme = cfg.weight_quant
-    if cfg.activation_quant == 'none':
+    scheme = cfg.quant.weights
+    if cfg.quant.activations == 'none':
       if scheme == 'int8':
         y = jnp.einsum('MD,VD->MV', x_MD, self.qembedding.astype(policy.compute_dtype),
                        preferred_element_type=jnp.float32) * self.qscale.astype(jnp.float32)
@@ -419,17 +420,17 @@ class QuantTable(nn.Module):
 
 def fake_quant_kernel(kernel, cfg: ModelConfig, contract_dims: int = 1,
                       channel_axis: int | None = None):
-  """Quantise-dequantise `kernel` per `cfg.qat` with a straight-through estimator (identity grad).
+  """Quantise-dequantise `kernel` per `cfg.quant.qat`, straight-through estimator (identity grad).
 
   Channels are the dims after the first `contract_dims`; with `channel_axis` (the embedding's 0)
   that axis is the output channel and all others are contracted.
   """
-  scheme = cfg.qat
+  scheme = cfg.quant.qat
   if scheme == 'none':
     return kernel
   w = kernel if channel_axis is None else jnp.moveaxis(kernel, channel_axis, -1)
   c = contract_dims if channel_axis is None else w.ndim - 1
-  q, s = quantize_kernel(jax.lax.stop_gradient(w), c, scheme, cfg.weight_quant_group_size)
+  q, s = quantize_kernel(jax.lax.stop_gradient(w), c, scheme, cfg.quant.group_size)
   dq = dequantize_kernel(q, s, w.shape, c, scheme)
   if channel_axis is not None:
     dq = jnp.moveaxis(dq, -1, channel_axis)
@@ -442,8 +443,8 @@ def dynamic_einsum(spec: str, x, kernel, cfg: ModelConfig, contract_dims: int = 
 
   Activations per token, weights per output channel; returns x's dtype (float32 with `out_f32`).
   """
-  if cfg.activation_quant == 'static':
-    raise ConfigError("model.activation_quant='static' needs calibrated scales stored with "
+  if cfg.quant.activations == 'static':
+    raise ConfigError("model.quant.activations='static' needs calibrated scales stored with "
                       "quantised weights: use quantize.quantize_params(params, cfg, scheme, "
                       "activation_quant='static', calibration_inputs=...)")
   c = contract_dims

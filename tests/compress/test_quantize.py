@@ -31,7 +31,7 @@ def test_quantised_model_logits_close_to_float(tiny, scheme, act, tol):
   cfg, params, inputs, ref = tiny
   qp, qcfg = Q.quantize_params(params, cfg, scheme, group_size=32, activation_quant=act,
                                calibration_inputs=inputs, scale_dtype='bfloat16')
-  assert qcfg.weight_quant == scheme and qcfg.activation_quant == act
+  assert qcfg.quant.weights == scheme and qcfg.quant.activations == act
   leaf = qp['encoder']['stack']['layers']['layer']['attention']['query']
   assert leaf['qkernel'].dtype == (jnp.int8 if scheme == 'int8' else jnp.uint8)
   assert leaf['qscale'].dtype == jnp.bfloat16 and 'kernel' not in leaf
@@ -44,10 +44,10 @@ def test_quantised_model_logits_close_to_float(tiny, scheme, act, tol):
 
 def test_dynamic_activations_with_float_weights_and_qat_model(tiny):
   cfg, params, inputs, ref = tiny
-  out = transformer.build_model(cfg.replace(activation_quant='dynamic')).apply(
+  out = transformer.build_model(cfg.with_quant(activations='dynamic')).apply(
       {'params': params}, *inputs)
   assert _rel(out, ref) < 0.04
-  qat = transformer.build_model(cfg.replace(qat='int8'))
+  qat = transformer.build_model(cfg.with_quant(qat='int8'))
   loss = lambda p: jnp.mean(qat.apply({'params': p}, *inputs) ** 2)
   grads = jax.grad(loss)(params)
   assert float(jnp.abs(grads['shared_embedding']['embedding']).sum()) > 0
@@ -82,7 +82,7 @@ def test_qparams_orbax_round_trip_runs_the_same(tiny, tmp_path):
 
 def test_clear_errors(tiny):
   cfg, params, inputs, _ = tiny
-  with pytest.raises(ConfigError, match='not a multiple of model.weight_quant_group_size=128'):
+  with pytest.raises(ConfigError, match='not a multiple of model.quant.group_size=128'):
     Q.quantize_params(params, cfg, 'int4', group_size=128)
   with pytest.raises(ConfigError, match='calibration_inputs'):
     Q.quantize_params(params, cfg, 'int8', activation_quant='static')

@@ -186,8 +186,8 @@ def test_packed_decoding_equals_xla_decoding(name):
 def test_nothing_packed_for_bf16_or_quantised_models():
   cfg = get_variant('t5_tiny')
   params = random_params(cfg)
-  for variant in (cfg.replace(precision='bf16'), cfg.replace(weight_quant='int8'),
-                  cfg.replace(activation_quant='dynamic'), cfg.replace(qat='int8')):
+  for variant in (cfg.replace(precision='bf16'), cfg.with_quant(weights='int8'),
+                  cfg.with_quant(activations='dynamic'), cfg.with_quant(qat='int8')):
     prepared = decode.prepare_params(variant, params)
     assert not any(isinstance(x, cpu_matmul.PackedKernel) for x in jax.tree.leaves(
         prepared, is_leaf=lambda x: isinstance(x, cpu_matmul.PackedKernel)))

@@ -264,8 +264,8 @@ def test_bad_config_fields(tmp_path, edit, match):
 @pytest.mark.parametrize('variant,overrides,match', [
     ('decoder_tiny', {}, 'model.arch'),
     ('t5_tiny', {'shared_layer_groups': 1}, 'shared_layer_groups'),
-    ('t5_tiny', {'weight_quant': 'int8'}, 'weight_quant'),
-    ('t5_tiny', {'qat': 'int8'}, 'qat'),
+    ('t5_tiny', {'quant': {'weights': 'int8'}}, 'quant.weights'),
+    ('t5_tiny', {'quant': {'qat': 'int8'}}, 'quant.qat'),
 ])
 def test_export_rejects_configs_hf_cannot_represent(tmp_path, variant, overrides, match):
   cfg = get_variant(variant, **overrides)

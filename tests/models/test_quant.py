@@ -69,7 +69,7 @@ def test_integer_matmuls_equal_dequantised_float_matmul_and_rounding_bound():
 
 
 def test_ste_gradient_is_identity_and_forward_is_fake_quantised():
-  cfg = get_variant('t5_tiny', qat='int4', weight_quant_group_size=32)
+  cfg = get_variant('t5_tiny', quant={'qat': 'int4', 'group_size': 32})
   w = jax.random.normal(jax.random.key(3), (64, 4, 16))
   g = jax.random.normal(jax.random.key(4), w.shape)
   fq = Q.fake_quant_kernel(w, cfg, 1)
@@ -78,7 +78,7 @@ def test_ste_gradient_is_identity_and_forward_is_fake_quantised():
   grad = jax.grad(lambda k: jnp.sum(Q.fake_quant_kernel(k, cfg, 1) * g))(w)
   np.testing.assert_allclose(grad, g, rtol=0, atol=0)
   table = jax.random.normal(jax.random.key(5), (512, 64))
-  cfg8 = cfg.replace(qat='int8')
+  cfg8 = cfg.with_quant(qat='int8')
   grad = jax.grad(lambda t: jnp.sum(Q.fake_quant_kernel(t, cfg8, 1, channel_axis=0) * table))(table)
   np.testing.assert_array_equal(grad, table)
   err = jnp.abs(Q.fake_quant_kernel(table, cfg8, 1, channel_axis=0) - table)

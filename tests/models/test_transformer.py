@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5like.config import VARIANTS, ConfigError, ModelConfig, get_variant
+from t5like.config import (VARIANTS, ConfigError, ModelConfig, QuantConfig, from_dict, get_variant,
+                           to_dict)
 from t5like.models import abstract_params, build_model, init_cache, param_count
 from t5like.models.layers import REMAT_POLICIES
 from random_weights import random_params
@@ -547,13 +548,28 @@ def test_unknown_variant_lists_known_ones():
     (dict(dropout_rate=1.0), 'dropout_rate'),
     (dict(shared_layer_groups=-1), 'shared_layer_groups'),
     (dict(shared_layer_groups=3), 'shared_layer_groups'),  # does not divide 2 layers
-    (dict(weight_quant='int3'), 'weight_quant'),
+    (dict(quant={'weights': 'int3'}), 'model.quant.weights'),
+    (dict(weight_quant='int3'), 'model.quant.weights'),   # an old flat name, mapped
+    (dict(quant={'wieghts': 'int8'}), "unknown config key 'model.quant.wieghts'"),
+    (dict(quant={'weights': 'int8'}, weight_quant='int4'), 'conflicts with model.quant.weights'),
     (dict(num_layers=2), "unknown config key 'model.num_layers'"),
     (dict(d_model='64'), 'model.d_model must be int'),
 ])
 def test_invalid_configs_raise_config_error(overrides, match):
   with pytest.raises(ConfigError, match=re.escape(match)):
     get_variant('t5_tiny', **overrides)
+
+
+def test_old_flat_quant_keys_load_into_quant_config():
+  """Configs saved before QuantConfig (flat weight_quant / ... keys) load with the same meaning."""
+  old = dict(to_dict(get_variant('t5_tiny')))
+  del old['quant']
+  old.update(weight_quant='int4', weight_quant_group_size=32, activation_quant='dynamic', qat='none')
+  cfg = from_dict(ModelConfig, old, prefix='model')
+  assert cfg.quant == QuantConfig(weights='int4', group_size=32, activations='dynamic')
+  assert from_dict(ModelConfig, to_dict(cfg), prefix='model') == cfg
+  assert cfg.replace(activation_quant='none').quant.activations == 'none'
+  assert cfg.with_quant(weights='none').quant.active
 
 
 def test_rope_needs_even_head_dim():
