@@ -48,7 +48,9 @@ def fake_quantised(boxed, scheme: str):
     stacked = names[0] == 'layers'
     inner = names[1:] if stacked else names
     contract = 2 if inner[:2] == ('heads', 'kv') else 1   # attention 'out': [N, H, D]
-    fq = lambda k: quant.fake_quant_kernel(k, qcfg, contract)
+    def fq(k):   # quantise-dequantise with the stored-weight functions, not the QAT layer's
+      q, s = quant.quantize_kernel(k, contract, scheme, qcfg.weight_quant_group_size)
+      return quant.dequantize_kernel(q, s, k.shape, contract, scheme)
     return jax.vmap(fq)(w) if stacked else fq(w)
 
   return jax.tree_util.tree_map_with_path(leaf, boxed,
