@@ -17,7 +17,8 @@ def main(argv=None) -> None:
   p.add_argument('--batch', type=int, default=8)
   p.add_argument('--max_decode_len', type=int, default=129)
   p.add_argument('--encoder_len', type=int, default=256)
-  p.add_argument('--platforms', default='', help='comma-separated, e.g. cpu,cuda (default: this one)')
+  p.add_argument('--platforms', default='',
+                 help='comma-separated, e.g. cpu,cuda (default: this one)')
   a = p.parse_args(argv)
   b = load_bundle(a.bundle)
   exp = export.export_decode_step(b.cfg, batch=a.batch, max_decode_len=a.max_decode_len,

@@ -344,7 +344,8 @@ class CpuKernelBackend(XlaBackend):
             (Einsum, '__call__'): _einsum, (Embed, '__call__'): _embed_lookup,
             (Embed, 'attend'): _embed_attend, (MLP, 'gate_and_up'): _gate_and_up,
             (Attention, 'qkv'): _qkv, (Attention, 'attend'): _attend,
-            (Attention, 'attend_cached'): _attend_cached, (Attention, 'attend_cache'): _attend_cache}
+            (Attention, 'attend_cached'): _attend_cached,
+            (Attention, 'attend_cache'): _attend_cache}
 
   def prepare(self, cfg: ModelConfig, params):
     """Per-layer weights; those a decoding step multiplies by packed for the few-row kernel

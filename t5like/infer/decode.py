@@ -171,7 +171,8 @@ def beam_search(params, cfg: ModelConfig, encoder_tokens, max_new_tokens: int,
     fin_seq = jnp.take_along_axis(all_seq, fin_idx[:, :, None], axis=1)
     fin_len = jnp.take_along_axis(all_len, fin_idx, axis=1)
     cache = _gather_beams(s['cache'], src_beam_BK, B, K)
-    logits, cache = jax.lax.cond(i + 1 < T, lambda c: be.step(params, cfg, alive_tok.reshape(-1), c),
+    logits, cache = jax.lax.cond(i + 1 < T,
+                                 lambda c: be.step(params, cfg, alive_tok.reshape(-1), c),
                                  lambda c: (s['logits'], c), cache)
     return dict(i=i + 1, cache=cache, logits=logits, alive_seq=alive_seq,
                 alive_logp=alive_logp_BK, fin_seq=fin_seq, fin_score=fin_score, fin_len=fin_len)

@@ -6,6 +6,8 @@ caches the cross-attention K/V), inserted into a free row, and then advances one
 `generate` step together with every other live row. One thread owns the device loop and admits
 new requests between steps, so a long generation never blocks short ones. All shapes (each
 bucket's prefill, insert, generate) are compiled by `warmup()` before the engine reports ready.
+Prefill, steps and sampling are decode's (t5like/infer/backend.py, sampling.py); `backend`
+('auto', 'xla', 'cpu_kernels') chooses how they run here.
 
 Shape letters: R slot rows, P prompt bucket, S source / cache length, V vocab.
 """
