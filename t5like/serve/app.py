@@ -623,6 +623,12 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
                                      strict_fields=True)
     return req.version
 
+  def load_failed(message: str, kind: str) -> ApiError:
+    status_code, code = {'incomplete': (409, 'bundle_incomplete'),
+                         'permission': (500, 'permission_denied'),
+                         'invalid': (422, 'invalid_bundle')}.get(kind, (500, 'load_failed'))
+    return ApiError(status_code, message, 'version', code)
+
   async def admin(request: Request, name: str, fn):
     check_admin(request)
     request.scope['t5like.model'] = name
@@ -632,10 +638,7 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
     except registry_lib.ModelNotFound as e:
       raise ApiError(404, str(e), 'model', 'model_not_found') from None
     except registry_lib.LoadFailed as e:
-      status_code, code = {'incomplete': (409, 'bundle_incomplete'),
-                           'permission': (500, 'permission_denied'),
-                           'invalid': (422, 'invalid_bundle')}.get(e.kind, (500, 'load_failed'))
-      raise ApiError(status_code, str(e), 'version', code) from None
+      raise load_failed(str(e), e.kind) from None
     return {'model': name, 'model_version_status': status}
 
   @app.post('/admin/models/{name}/load', include_in_schema=False)
@@ -649,7 +652,10 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
   @app.post('/admin/reload', include_in_schema=False)
   async def admin_reload(request: Request):
     check_admin(request)
-    await run_in_threadpool(registry.reload)
+    failed = await run_in_threadpool(registry.reload)
+    if failed:   # what was serving still is; the call that asked for the loads hears of it
+      raise load_failed('; '.join(f'version {m.version} of model {m.name!r} did not load: '
+                                  f'{m.error}' for m in failed), failed[0].error_kind)
     return {'models': {n: registry.status(n) for n in registry.names()}}
 
   # ---- health and metrics ------------------------------------------------------------------------

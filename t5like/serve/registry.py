@@ -171,19 +171,22 @@ class ModelRegistry:
       return self._model_locks.setdefault(name, threading.Lock())
 
   # ---- policy ------------------------------------------------------------------------------------
-  def reload(self) -> None:
-    """Applies the version policy (plus pins and exclusions) to what is on disk now."""
+  def reload(self) -> list[ModelVersion]:
+    """Applies the version policy (plus pins and exclusions) to what is on disk now; returns
+    the versions this call tried to load and that failed."""
     on_disk = self.scan()
     first = self.startup_models is None
     if first:
       with self._lock:
         self._startup_pending = tuple(sorted(set(on_disk) | set(self.model_names)))
+    failed = []
     try:
       for name, versions in on_disk.items():
-        self._apply(name, versions)
+        failed += self._apply(name, versions)
     finally:
       if first:
         self.startup_models = self._startup_pending
+    return failed
 
   def is_model(self, name: str) -> bool:
     """Whether `name` is a model this registry knows (found on disk and tried)."""
@@ -198,10 +201,12 @@ class ModelRegistry:
     except OSError:
       return ()
 
-  def _apply(self, name: str, on_disk: Sequence[int]) -> None:
+  def _apply(self, name: str, on_disk: Sequence[int]) -> list[ModelVersion]:
+    """Loads the wanted versions, then unloads the unwanted; returns the loads that failed."""
+    failed = []
     with self._model_lock(name):
       if self.shutting_down:
-        return
+        return failed
       with self._lock:
         pinned = self._pinned.get(name, set()) & set(on_disk)
         excluded = self._excluded.get(name, set())
@@ -210,15 +215,18 @@ class ModelRegistry:
       for v in sorted(want - have, reverse=True):   # newest first: it takes over the traffic
         if self._failed.get((name, v)) == self._signature(name, v):
           continue   # failed before and unchanged on disk: not retried on every poll
-        self._load_version(name, v)
+        mv = self._load_version(name, v)
+        if mv.state != AVAILABLE:
+          failed.append(mv)
       with self._lock:
         versions = self._versions.get(name, {})
         # Until every wanted version is AVAILABLE, the ones it would replace keep serving.
         if any(versions.get(v) is None or versions[v].state != AVAILABLE for v in want):
-          return
+          return failed
         drop = {v for v, mv in versions.items() if mv.state == AVAILABLE and v not in want}
       for v in sorted(drop):
         self._unload_version(name, v)
+    return failed
 
   def load(self, name: str, version: int | None = None) -> list[dict]:
     """Loads `version` (pinning it), or applies the policy to `name` when version is None."""
@@ -274,7 +282,7 @@ class ModelRegistry:
     return self.status(name)
 
   # ---- one version -------------------------------------------------------------------------------
-  def _load_version(self, name: str, version: int) -> None:
+  def _load_version(self, name: str, version: int) -> ModelVersion:
     path = os.path.join(self.base_path, name, str(version))
     mv = ModelVersion(name, version, path, state=LOADING)
     with self._lock:
@@ -308,6 +316,7 @@ class ModelRegistry:
       log.error('model %s version %d failed to load: %s', name, version, mv.error)
       for hook in self.load_failure_hooks:
         hook(name, mv.error_kind)
+    return mv
 
   def _unload_version(self, name: str, version: int) -> None:
     with self._lock:

@@ -104,8 +104,10 @@ def test_bad_version_never_replaces_the_serving_one(server, case, fname, breaker
   if complete:
     rewrite_manifest(folder)
   before = failures(server, kind)
-  # Found by a policy reload (polling): the version fails, version 1 keeps serving.
-  server.registry.reload()
+  # Found by a policy reload (the admin call, as polling does): the version fails, the call says
+  # so, version 1 keeps serving.
+  r = server.client.post('/admin/reload', headers=AUTH)
+  assert r.status_code == status and 'version 2' in r.json()['error']['message'], r.text
   answers(server, 1)
   st = server.client.get('/v1/models/m').json()
   v2 = next(s for s in st['model_version_status'] if s['version'] == '2')
@@ -114,7 +116,7 @@ def test_bad_version_never_replaces_the_serving_one(server, case, fname, breaker
   assert str(server.root) not in json.dumps(st)          # no filesystem path for clients
   assert failures(server, kind) == before + 1
   # Not retried while the folder is unchanged.
-  server.registry.reload()
+  assert server.registry.reload() == []
   assert failures(server, kind) == before + 1
   # An explicit admin load of it is an error naming the problem, not 200.
   r = server.client.post('/admin/models/m/load', headers=AUTH, json={'version': 2})
