@@ -118,8 +118,8 @@ class ModelVersion:
     cfg, e = self.cfg, self.engine
     if cfg is None:
       return {}
-    return {'arch': cfg.arch, 'variant': cfg.name, 'weight_quant': cfg.weight_quant,
-            'activation_quant': cfg.activation_quant, 'vocab_size': cfg.vocab_size,
+    return {'arch': cfg.arch, 'variant': cfg.name, 'weight_quant': cfg.quant.weights,
+            'activation_quant': cfg.quant.activations, 'vocab_size': cfg.vocab_size,
             'd_model': cfg.d_model, 'num_decoder_layers': cfg.num_decoder_layers,
             'num_slots': e.num_slots if e else '', 'max_prompt_tokens': e.max_prompt_len if e else '',
             'max_new_tokens': e.max_new_tokens if e else ''}

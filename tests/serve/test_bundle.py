@@ -46,11 +46,11 @@ def test_export_from_training_checkpoint(tmp_path, serve_tokenizer):
 def test_quantised_bundle_is_served(tmp_path, serve_tokenizer):
   params, cfg = tiny_params('t5_tiny', 5)
   qparams = jax.jit(lambda p: quantize_params(p, cfg, 'int8')[0])(params)
-  qcfg = cfg.replace(weight_quant='int8')
+  qcfg = cfg.with_quant(weights='int8')
   bundle.export_bundle(qparams, qcfg, serve_tokenizer, str(tmp_path / 'q' / '1'))
   b = bundle.load_bundle(str(tmp_path / 'q' / '1'))
   float_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
-  assert b.cfg.weight_quant == 'int8' and b.meta['param_bytes'] < 0.5 * float_bytes
+  assert b.cfg.quant.weights == 'int8' and b.meta['param_bytes'] < 0.5 * float_bytes
   assert any(v.dtype == np.int8 for v in bundle._flatten(b.params).values())
   registry = ModelRegistry(str(tmp_path), engine_kwargs=ENGINE_KW)
   registry.reload()
