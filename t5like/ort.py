@@ -8,7 +8,7 @@ This module imports neither jax nor the rest of t5like, so a serving host needs 
   tokens_BT, lengths_B = model.greedy(inputs_BS, max_new_tokens=64)
 
   python -m t5like.ort --model=t5_small_onnx --ids=37,423,8,1 --max_new_tokens=32
-  python -m t5like.ort --model=t5_small_onnx --text="translate English to German: Hello."
+  python -m t5like.ort --model=t5_small_onnx --text="The cute dog <extra_id_0> the ball."
 
 `inputs` are encoder tokens [B, S] (0 = padding) for an encoder-decoder model, or right-padded
 prompts [B, P] for a decoder-only model, exactly as `t5like.infer.decode.greedy` takes them, and
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Any, Mapping
 
@@ -222,8 +223,9 @@ def main(argv=None) -> None:
     if not tok_file or not os.path.isfile(os.path.join(a.model, tok_file)):
       sys.exit(f'{a.model} holds no tokenizer; pass --ids instead of --text')
     sp = spm.SentencePieceProcessor(model_file=os.path.join(a.model, tok_file))
+    top = sp.get_piece_size() + model.manifest.get('tokenizer_extra_ids', 0) - 1
     eos = [model.manifest['eos_id']] if model.is_encdec else []
-    rows += [sp.encode(t, out_type=int) + eos for t in a.text]
+    rows += [encode(sp, t, top) + eos for t in a.text]
   if not rows:
     sys.exit('pass --ids or --text')
   inputs = np.zeros((len(rows), max(map(len, rows))), np.int64)
@@ -232,8 +234,31 @@ def main(argv=None) -> None:
   tokens, lengths = model.greedy(inputs, a.max_new_tokens)
   for row, n in zip(tokens, lengths):
     ids = [int(t) for t in row[:n]]
-    print(sp.decode([t for t in ids if t < sp.get_piece_size()]) if sp else
-          ','.join(map(str, ids)))
+    print(decode(sp, ids, top) if sp else ','.join(map(str, ids)))
+
+
+_SENTINEL = re.compile(r'<extra_id_(\d+)>')
+
+
+def encode(sp, text: str, top: int) -> list[int]:
+  """SentencePiece ids of `text`, with `<extra_id_i>` as sentinel id `top - i`."""
+  ids, pos = [], 0
+  for m in _SENTINEL.finditer(text):
+    ids += sp.encode(text[pos:m.start()], out_type=int) + [top - int(m.group(1))]
+    pos = m.end()
+  return ids + sp.encode(text[pos:], out_type=int)
+
+
+def decode(sp, ids, top: int) -> str:
+  """Text of `ids`: sentinels as `<extra_id_i>`, pad and EOS as nothing."""
+  out, run = [], []
+  for t in ids:
+    if t < sp.get_piece_size():
+      run.append(t)
+      continue
+    out.append(sp.decode(run) + f'<extra_id_{top - t}>')
+    run = []
+  return ''.join(out) + sp.decode(run)
 
 
 if __name__ == '__main__':

@@ -23,7 +23,7 @@ same greedy tokens, logits to f32 tolerance, for each architecture).
 The manifest (manifest.json; read and checked by t5like.ort) records the architecture, opset,
 dtype, vocabulary size, EOS / pad / decoder start ids, layers, heads, head dim, d_model, the
 quantisation, each graph's file and its inputs' and outputs' dtypes and shapes (named dims are
-dynamic), and the tokenizer file when one was copied.
+dynamic), and the tokenizer file (with its number of sentinels) when one was copied.
 
 Reading a bundle: the CLI reads a serving bundle's config.json and params.safetensors (the layout
 t5like/serve/bundle.py writes) with `read_bundle`, here, because infer sits below serve and does
@@ -44,6 +44,7 @@ import onnx
 
 from t5like import ort
 from t5like.config import ConfigError, ModelConfig, from_dict
+from t5like.data.tokenizer import NUM_EXTRA_IDS
 from t5like.infer import onnx_graphs
 from t5like.infer.onnx_graphs import OPSET, OnnxExportError, check_exportable
 from t5like.models import abstract_params
@@ -129,7 +130,8 @@ def export_onnx(cfg: ModelConfig, params: Mapping[str, Any], out_dir: str, *,
     manifest['graphs'][name] = graph_spec(model, file)
   if tokenizer_file:
     shutil.copyfile(tokenizer_file, os.path.join(out_dir, TOKENIZER_FILE))
-    manifest['tokenizer'] = TOKENIZER_FILE
+    # Sentinels <extra_id_i> follow the SentencePiece pieces: id = pieces + extra_ids - 1 - i.
+    manifest.update(tokenizer=TOKENIZER_FILE, tokenizer_extra_ids=NUM_EXTRA_IDS)
   write_manifest(manifest, out_dir)
   return manifest
 
