@@ -4,9 +4,11 @@ and distilled with each loss (soft, hard, sequence-level), equal steps and data.
   .venv/bin/python experiments/distill.py --workdir=runs/distill --teacher_steps=600 --student_steps=300
 
 Writes experiments/results/distill.json (per run: validation-loss curve, final loss, parameters)
-and experiments/results/distill.png. The teacher is trained with the trainer
-(`t5like.train.loop.train`) and reused from `<workdir>/teacher` if its checkpoint exists;
-experiments/quantize.py evaluates the quantised teacher.
+and experiments/results/distill.png. Teacher and student are experiments/configs/distill.py; the
+teacher is trained with the trainer (`t5like.train.loop.trained_params`) and reused from
+`<workdir>/teacher` if its checkpoint exists; the students train through the same trainer, the
+distilled ones with `t5like.compress.distill.technique`. experiments/quantize.py evaluates the
+quantised teacher.
 """
 from __future__ import annotations
 
@@ -15,62 +17,43 @@ import json
 import os
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from t5like.compress import distill
-from t5like.config import DataConfig, DistillConfig, OptimConfig, TrainConfig, get_variant
+from t5like.config import DistillConfig, TrainConfig, from_dict
 from t5like.models import param_count
 from t5like.train import loop, metrics
 
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'distill.py')
+_TEACHER = config_flags.DEFINE_config_file('teacher', f'{CONFIG}:teacher', 'teacher config')
+_STUDENT = config_flags.DEFINE_config_file('student', f'{CONFIG}:student', 'student config')
+flags.DEFINE_string('workdir', 'runs/distill', 'where the teacher and students train')
+flags.DEFINE_string('results', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results'),
+                    'where distill.json / distill.png go')
+flags.DEFINE_integer('teacher_steps', 600, 'teacher training steps')
+flags.DEFINE_integer('student_steps', 300, 'steps of every student run')
+flags.DEFINE_list('kinds', ['scratch', 'soft', 'hard', 'sequence'], 'student runs')
+flags.DEFINE_float('alpha', 0.5, 'weight of the distillation loss')
+flags.DEFINE_float('temperature', 2.0, 'soft-target temperature')
 FLAGS = flags.FLAGS
-
-def define_flags():
-  """This script's flags (defined only when it runs, so experiments/quantize.py can import it)."""
-  flags.DEFINE_string('workdir', 'runs/distill', 'where the teacher and students train')
-  flags.DEFINE_string('results', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results'),
-                      'where distill.json / distill.png go')
-  flags.DEFINE_integer('teacher_steps', 600, 'teacher training steps')
-  flags.DEFINE_integer('student_steps', 300, 'steps of every student run')
-  flags.DEFINE_list('kinds', ['scratch', 'soft', 'hard', 'sequence'], 'student runs')
-  flags.DEFINE_float('alpha', 0.5, 'weight of the distillation loss')
-  flags.DEFINE_float('temperature', 2.0, 'soft-target temperature')
-
-
-DATA = DataConfig(corpus='shakespeare', vocab_size=2000, inputs_length=64, batch_size=16, pack=False)
-
-
-def teacher_config(steps: int) -> TrainConfig:
-  model = get_variant('t5_tiny', d_model=128, num_heads=4, head_dim=32, d_ff=512,
-                      num_encoder_layers=3, num_decoder_layers=3)
-  return TrainConfig(model=model, data=DATA, num_steps=steps, log_every=50, eval_every=100,
-                     eval_batches=8, checkpoint_every=100, num_samples=0,
-                     optim=OptimConfig(name='adamw', learning_rate=3e-3, warmup_steps=50))
-
-
-def student_config(steps: int) -> TrainConfig:
-  model = get_variant('t5_tiny', d_model=64, num_heads=4, head_dim=16, d_ff=256,
-                      num_encoder_layers=2, num_decoder_layers=2)
-  return TrainConfig(model=model, data=DATA, num_steps=steps, log_every=50,
-                     eval_every=max(steps // 6, 1), eval_batches=8, checkpoint_every=steps,
-                     num_samples=0, seed=1,
-                     optim=OptimConfig(name='adamw', learning_rate=3e-3, warmup_steps=30))
-
-
-def load_teacher(workdir: str, steps: int):
-  """(params, ModelConfig) of the trained teacher: trained with the trainer unless checkpointed."""
-  return loop.trained_params(teacher_config(steps), os.path.join(workdir, 'teacher'))
 
 
 def main(argv):
   del argv
-  teacher, tcfg = load_teacher(FLAGS.workdir, FLAGS.teacher_steps)
-  teacher_evals = [r for r in metrics.read_jsonl(os.path.join(FLAGS.workdir, 'teacher', 'metrics.jsonl'))
+  teacher_cfg = dataclasses.replace(from_dict(TrainConfig, _TEACHER.value.to_dict()),
+                                    num_steps=FLAGS.teacher_steps)
+  teacher, tcfg = loop.trained_params(teacher_cfg, os.path.join(FLAGS.workdir, 'teacher'))
+  teacher_evals = [r for r in metrics.read_jsonl(os.path.join(FLAGS.workdir, 'teacher',
+                                                              'metrics.jsonl'))
                    if r.get('split') == 'eval']
   results = {'teacher': {'params': param_count(teacher), 'steps': FLAGS.teacher_steps,
                          'val_loss': teacher_evals[-1]['loss'],
                          'curve': [(r['step'], r['loss']) for r in teacher_evals],
                          'model': dataclasses.asdict(tcfg)},
              'alpha': FLAGS.alpha, 'temperature': FLAGS.temperature, 'students': {}}
-  config = student_config(FLAGS.student_steps)
+  steps = FLAGS.student_steps
+  config = dataclasses.replace(from_dict(TrainConfig, _STUDENT.value.to_dict()), num_steps=steps,
+                               eval_every=max(steps // 6, 1), checkpoint_every=steps)
   for kind in FLAGS.kinds:
     technique = None if kind == 'scratch' else distill.technique(
         DistillConfig(kind, alpha=FLAGS.alpha, temperature=FLAGS.temperature), teacher, tcfg)
@@ -107,5 +90,4 @@ def _write(results, plot=False):
 
 
 if __name__ == '__main__':
-  define_flags()
   app.run(main)

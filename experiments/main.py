@@ -17,9 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from t5like import config as config_lib  # noqa: E402
+from t5like import config as config_lib
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
                               'shakespeare.py')
@@ -58,9 +56,10 @@ def main(argv):
   jax.config.update('jax_compilation_cache_dir', os.environ.get(
       'T5LIKE_COMPILATION_CACHE', os.path.expanduser('~/.cache/t5like/jax')))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  from t5like.train import loop  # after flag parsing: jax starts here
+  # The library is imported only now, after jax.distributed is joined: importing it may touch a
+  # jax backend, which initialize() must precede.
   from t5like.data import corpus, objectives, pipeline, tokenizer
-  from t5like.train import checkpoint, metrics
+  from t5like.train import checkpoint, loop, metrics
   global _USER_ERRORS
   _USER_ERRORS = (config_lib.ConfigError, corpus.CorpusError, tokenizer.TokenizerError,
                   objectives.ObjectiveError, pipeline.PipelineError, checkpoint.CheckpointError,

@@ -34,15 +34,19 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 
+import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from t5like import config as config_lib  # noqa: E402
+from t5like import config as config_lib
+from t5like.data import pipeline, tokenizer as tok_lib
+from t5like.models import build_model
+from t5like.optim import make_optimizer, make_schedule
+from t5like.parallel.mesh import get_rules, make_mesh
+from t5like.train import loop, metrics as metrics_lib, state as state_lib, step as step_lib
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -96,7 +100,6 @@ class Runner:
       except FileExistsError:
         log(f'{name}: claimed by another process, skipped')
         return None
-    from t5like.train import loop, metrics as metrics_lib
     wd = os.path.join(self.workdir, 'runs', name)
     shutil.rmtree(wd, ignore_errors=True)       # a fresh run, never a resume of another config
     t = time.perf_counter()
@@ -143,7 +146,6 @@ class Runner:
 
 def shared_tokenizer(base: config_lib.TrainConfig, workdir: str) -> str:
   """Trains (once) the run's SentencePiece model into <workdir>/tokenizer; returns its path."""
-  from t5like.data import pipeline, tokenizer as tok_lib
   train_docs, _ = pipeline.load_splits(base.data)
   d = base.data
   key = tok_lib.cache_key(train_docs, d.vocab_size, d.tokenizer_max_sentences, d.split_seed)
@@ -184,13 +186,6 @@ def optimizer_optim(base_optim: config_lib.OptimConfig, name: str, lr: float):
 
 def time_precisions(cfg: config_lib.TrainConfig, workdir: str, steps: int, rounds: int) -> dict:
   """Seconds per step of 'f32' and 'bf16' train steps, timed in alternating rounds."""
-  import jax
-  import numpy as np
-  from t5like.data import pipeline
-  from t5like.models import build_model
-  from t5like.optim import make_optimizer, make_schedule
-  from t5like.parallel.mesh import get_rules, make_mesh
-  from t5like.train import state as state_lib, step as step_lib
 
   mesh, rules = make_mesh(cfg.mesh), get_rules(cfg.mesh.rules)
   train_iter, _, tok = pipeline.make_datasets(cfg.data, cfg.model.arch, workdir, seed=cfg.seed)
@@ -321,7 +316,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
-  import jax
   jax.config.update('jax_compilation_cache_dir', os.path.join(os.path.abspath(_WORKDIR.value),
                                                               'jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

@@ -21,25 +21,20 @@ import argparse
 import functools
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from t5like import config as config_lib  # noqa: E402
-from t5like import precision  # noqa: E402
-from t5like.compress import dynamic, gradual, greedy, prune  # noqa: E402
-from t5like.data import pipeline  # noqa: E402
-from t5like.models import build_model  # noqa: E402
-from t5like.optim.optimizers import make_optimizer  # noqa: E402
-from t5like.parallel.mesh import get_rules, make_mesh  # noqa: E402
-from t5like.train import checkpoint as ckpt_lib  # noqa: E402
-from t5like.train import loop, state as state_lib, step as step_lib  # noqa: E402
-from t5like.train.state import TrainState  # noqa: E402
+from t5like import config as config_lib
+from t5like import precision
+from t5like.compress import dynamic, gradual, greedy, prune
+from t5like.data import pipeline
+from t5like.models import build_model
+from t5like.optim.optimizers import make_optimizer
+from t5like.train import checkpoint as ckpt_lib
+from t5like.train import loop, step as step_lib
+from t5like.train.state import TrainState
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 SPARSITIES = (0.3, 0.5, 0.7, 0.9)
@@ -60,20 +55,6 @@ def experiment_config(train_steps: int) -> config_lib.TrainConfig:
                                 checkpoint_every=train_steps, log_every=50, num_samples=0)
 
 
-def restore_params(workdir: str, config: config_lib.TrainConfig):
-  with open(os.path.join(workdir, loop.CONFIG_FILE)) as f:
-    config = config_lib.from_dict(config_lib.TrainConfig, json.load(f))
-  mesh = make_mesh(config.mesh, jax.devices()[:1])
-  tx = make_optimizer(config.optim, None, config.num_steps)
-  abstract, _ = state_lib.abstract_train_state(config.model, tx, mesh, get_rules(config.mesh.rules))
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, loop.CHECKPOINT_DIR))
-  try:
-    state, _, _ = ckpt.restore(ckpt.latest_step(), abstract)
-  finally:
-    ckpt.close()
-  return jax.device_get(state.params), config
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--workdir', default='/tmp/t5like_prune')
@@ -92,7 +73,8 @@ def main(argv=None):
   if not (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)):
     summary = loop.train(config, args.workdir, devices=jax.devices()[:1])
     print(f"trained: validation loss {summary.get('final_val_loss')}")
-  params, config = restore_params(args.workdir, config)
+  params, saved, _ = ckpt_lib.restore_params(args.workdir)
+  config = config_lib.from_dict(config_lib.TrainConfig, saved)
   mcfg = config.model
   model = build_model(mcfg)
   train_iter, eval_batches_fn, _ = pipeline.make_datasets(config.data, mcfg.arch, args.workdir,

@@ -9,17 +9,16 @@ Targets: int8 weight-only within 1% of f32, int4 group-wise within 5%.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import sys
 
 from absl import app, flags
+from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import distill as distill_exp  # noqa: E402  (experiments/distill.py: teacher config and loader)
-
+_TEACHER = config_flags.DEFINE_config_file(
+    'teacher', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'distill.py')
+    + ':teacher', 'the teacher of experiments/distill.py')
 flags.DEFINE_string('workdir', 'runs/distill', 'workdir of experiments/distill.py')
 flags.DEFINE_string('results', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results'),
                     'where quant.json / quant.png go')
@@ -47,14 +46,15 @@ def main(argv):
   del argv
   import jax
   from t5like.compress import quantize
-  from t5like.config import get_variant
+  from t5like.config import TrainConfig, from_dict, get_variant
   from t5like.data import pipeline
   from t5like.models import build_model
   from t5like.parallel.mesh import make_mesh
   from t5like.train import loop, step as step_lib
 
-  params, cfg = distill_exp.load_teacher(FLAGS.workdir, FLAGS.teacher_steps)
-  config = distill_exp.teacher_config(FLAGS.teacher_steps)
+  config = dataclasses.replace(from_dict(TrainConfig, _TEACHER.value.to_dict()),
+                               num_steps=FLAGS.teacher_steps)
+  params, cfg = loop.trained_params(config, os.path.join(FLAGS.workdir, 'teacher'))
   train_iter, eval_batches, _ = pipeline.make_datasets(
       config.data, cfg.arch, os.path.join(FLAGS.workdir, 'teacher'), seed=config.seed)
   calib = {k: jax.numpy.asarray(v) for k, v in next(train_iter).items()}
@@ -64,7 +64,7 @@ def main(argv):
          'teacher_steps': FLAGS.teacher_steps, 'schemes': {}}
   for name, (scheme, group, act, sdt) in SCHEMES.items():
     if scheme is None:
-      p, c = params, cfg.replace(activation_quant=act)
+      p, c = params, cfg.with_quant(activations=act)
     else:
       p, c = quantize.quantize_params(params, cfg, scheme, group_size=group or None,
                                       activation_quant=act, scale_dtype=sdt,

@@ -20,16 +20,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import numpy as np
 
-import benchlib  # noqa: E402
+# Sibling scripts: the script's own folder is on sys.path when run as `python scripts/bench.py`.
+import bench_attention
+import bench_decode
+import bench_onnx
+import bench_prune
+import bench_quant
+import benchlib
+from t5like.config import MeshConfig, OptimConfig, get_variant
+from t5like.models import build_model, flops
+from t5like.optim import make_optimizer
+from t5like.parallel import hardware
+from t5like.parallel.mesh import get_rules, make_mesh
+from t5like.precision import get_policy
+from t5like.train import metrics, state as state_lib, step as step_lib
 
 
 def _synthetic_batch(B, S, T, V, seed=0):
-  import numpy as np
   rng = np.random.default_rng(seed)
   return dict(encoder_input_tokens=rng.integers(2, V, (B, S)).astype(np.int32),
               decoder_input_tokens=rng.integers(2, V, (B, T)).astype(np.int32),
@@ -38,15 +49,6 @@ def _synthetic_batch(B, S, T, V, seed=0):
 
 
 def bench_train(args) -> dict:
-  import jax
-  from t5like.config import MeshConfig, OptimConfig, get_variant
-  from t5like.models import build_model, flops
-  from t5like.optim import make_optimizer
-  from t5like.parallel import hardware
-  from t5like.parallel.mesh import get_rules, make_mesh
-  from t5like.precision import get_policy
-  from t5like.train import metrics, state as state_lib, step as step_lib
-
   cfg = get_variant(args.variant, precision=args.precision, dropout_rate=0.0, remat_policy='none')
   B, S, T = args.batch, args.inputs, args.targets
   mesh = make_mesh(MeshConfig(), jax.devices()[:1])
@@ -89,7 +91,7 @@ def bench_train(args) -> dict:
 
 
 def _torch_step_s(cfg, B, S, T, steps) -> float:
-  import torch
+  import torch  # optional (parity extra): only for --compare_torch
   from transformers import T5Config, T5ForConditionalGeneration
   tc = T5Config(vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.head_dim, d_ff=cfg.d_ff,
                 num_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
@@ -127,11 +129,6 @@ def main(argv=None):
   p.add_argument('--compare_torch', action='store_true',
                  help="also time transformers' PyTorch T5 on the same config")
   p.set_defaults(fn=bench_train)
-  import bench_attention
-  import bench_decode
-  import bench_onnx
-  import bench_prune
-  import bench_quant
   p = sub.add_parser('decode', help='greedy decoding new tokens/s at batch 1 and 8')
   bench_decode.add_args(p)
   bench_onnx.add_args(p)

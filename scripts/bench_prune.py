@@ -17,19 +17,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from t5like.compress import dynamic, prune, surgery  # noqa: E402
-from t5like.config import get_variant  # noqa: E402
-from t5like.infer import decode  # noqa: E402
-from t5like.models import build_model, init_params, param_count  # noqa: E402
+from t5like.compress import dynamic, prune, surgery
+from t5like.config import get_variant
+from t5like.infer import decode
+from t5like.models import build_model, init_params, param_count
 
 
 def add_args(parser):

@@ -177,7 +177,7 @@ def _row(d_model, num_heads, head_dim, d_ff, layers, **kw):
               num_encoder_layers=layers, num_decoder_layers=layers, **kw)
 
 
-# One row per published size (T5 paper, Table 14; T5 1.1 release notes).
+# One row per published T5 / T5 1.1 size (their parameter counts are checked by the tests).
 VARIANTS: dict[str, dict[str, Any]] = {
     't5_tiny': _row(64, 4, 16, 128, 2, ffn_activation='relu', tie_embeddings=True, vocab_size=512,
                     dropout_rate=0.0),
@@ -262,6 +262,10 @@ def to_dict(cfg) -> dict:
   return dataclasses.asdict(cfg)
 
 
+OBJECTIVES = ('span_corruption', 'prefix_lm', 'causal_lm')
+ON_BAD_FILE = ('error', 'skip')
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Corpus, tokenizer, objective, augmentation and batching (owned by t5like/data)."""
@@ -294,8 +298,8 @@ class DataConfig:
   num_workers: int = 0
 
   def __post_init__(self):
-    _check_choice('data.on_bad_file', self.on_bad_file, ('error', 'skip'))
-    _check_choice('data.objective', self.objective, ('span_corruption', 'prefix_lm', 'causal_lm'))
+    _check_choice('data.on_bad_file', self.on_bad_file, ON_BAD_FILE)
+    _check_choice('data.objective', self.objective, OBJECTIVES)
     if not 0.0 < self.validation_fraction < 1.0:
       raise ConfigError(f'data.validation_fraction must be in (0, 1), got {self.validation_fraction}')
     for f in ('inputs_length', 'batch_size', 'tokenizer_max_sentences', 'reorder_window'):
@@ -539,7 +543,7 @@ class PruneConfig:
   greedy_neuron_group: int = 0          # greedy: FFN neurons per unit; 0: as many weights as a head
   include: tuple[str, ...] = PRUNE_DEFAULT_INCLUDE
   exclude: tuple[str, ...] = ()
-  # Gradual pruning (Zhu & Gupta 2017): s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0))^power,
+  # Gradual pruning (Zhu & Gupta's schedule): s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0))^power,
   # masks recomputed every `update_every` steps in [begin_step, end_step], then frozen.
   initial_sparsity: float = 0.0
   begin_step: int = 0

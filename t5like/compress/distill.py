@@ -3,11 +3,12 @@
 Shape letters: B batch, T target length, S source length, V vocab.
 
 Losses (token-weighted over `decoder_loss_weights`; the teacher under stop_gradient):
-- 'soft': T^2 * KL(softmax(teacher / T) || softmax(student / T)) (Hinton et al. 2015; the T^2
-  keeps the gradient scale independent of T);
+- 'soft': T^2 * KL(softmax(teacher / T) || softmax(student / T)) (the T^2 keeps the gradient
+  scale independent of the temperature T);
 - 'hard': cross-entropy of the student on the teacher's argmax tokens;
 - 'sequence': the teacher's greedy decode of each encoder input becomes the target sequence and the
-  student is trained on it with cross-entropy (Kim and Rush 2016; `t5like.infer.decode.greedy`).
+  student is trained on it with cross-entropy (sequence-level distillation;
+  `t5like.infer.decode.greedy`).
 The training loss is `(1 - alpha) * data CE + alpha * distillation loss`; the data CE takes the
 run's label smoothing and z-loss.
 
@@ -58,7 +59,7 @@ def soft_kl_BT(student_BTV, teacher_BTV, temperature: float = 1.0):
 
 
 def soft_target_loss(student_BTV, teacher_BTV, weights_BT, temperature: float = 1.0):
-  """Hinton et al. (2015): weighted mean of T^2 * KL(teacher_T || student_T)."""
+  """Soft targets: weighted mean of T^2 * KL(teacher_T || student_T)."""
   return _weighted_mean(soft_kl_BT(student_BTV, teacher_BTV, temperature), weights_BT)
 
 
@@ -81,7 +82,7 @@ def hard_target_loss(student_BTV, teacher_BTV, weights_BT):
 
 def sequence_targets(teacher_params, teacher_cfg: ModelConfig, batch: Mapping[str, jax.Array],
                      start_id: int | None = None) -> dict[str, jax.Array]:
-  """Kim and Rush (2016): the batch with the teacher's greedy outputs as decoder targets.
+  """Sequence-level targets: the batch with the teacher's greedy outputs as decoder targets.
 
   Encoder-decoder and unpacked batches only (one example a row): each row's encoder input is
   decoded for T tokens (T of the batch); targets are the decoded tokens up to and including EOS.

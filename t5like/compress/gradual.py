@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from t5like.compress import prune
-from t5like.config import ConfigError
+from t5like.config import ConfigError, PruneConfig
 
 
 class GradualPruneState(NamedTuple):
@@ -35,8 +35,8 @@ class GradualPruneState(NamedTuple):
   inner_state: Any
 
 
-def polynomial_sparsity(step, cfg: prune.PruneConfig):
-  """Zhu & Gupta (2017): s_f + (s_i - s_f) * (1 - progress)^power, held constant outside
+def polynomial_sparsity(step, cfg: PruneConfig):
+  """The polynomial schedule: s_f + (s_i - s_f) * (1 - progress)^power, held constant outside
   [begin_step, end_step] (s_i before, s_f after), piecewise constant between updates."""
   step = jnp.asarray(step, jnp.float32)
   span = max(cfg.end_step - cfg.begin_step, 1)
@@ -47,13 +47,13 @@ def polynomial_sparsity(step, cfg: prune.PruneConfig):
   return jnp.where(step < cfg.begin_step, 0.0, s)
 
 
-def is_update_step(step, cfg: prune.PruneConfig):
+def is_update_step(step, cfg: PruneConfig):
   step = jnp.asarray(step, jnp.int32)
   return ((step >= cfg.begin_step) & (step <= cfg.end_step) &
           ((step - cfg.begin_step) % cfg.update_every == 0))
 
 
-def update_masks(params, masks, fraction, cfg: prune.PruneConfig):
+def update_masks(params, masks, fraction, cfg: PruneConfig):
   """Masks at sparsity `fraction` (traced) from the current params, never un-pruning (jittable)."""
   if cfg.method == 'structured':
     scores = prune.unit_scores(params, cfg)
@@ -67,7 +67,7 @@ def update_masks(params, masks, fraction, cfg: prune.PruneConfig):
 
 
 def prune_during_training(inner: optax.GradientTransformation,
-                          cfg: prune.PruneConfig) -> optax.GradientTransformationExtraArgs:
+                          cfg: PruneConfig) -> optax.GradientTransformationExtraArgs:
   """Wraps `inner` so that it prunes on `cfg`'s schedule (see the module docstring)."""
   if cfg.method not in ('magnitude', 'structured'):
     raise ConfigError(f"gradual pruning supports prune.method 'magnitude' or 'structured', got "

@@ -23,6 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from t5like.compress import prune
+from t5like.config import PruneConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class Unit:
     return f'{self.module}[layer {layers}] {kind} {idx}'
 
 
-def candidate_units(params, cfg: prune.PruneConfig) -> list[Unit]:
+def candidate_units(params, cfg: PruneConfig) -> list[Unit]:
   """The units greedy may remove (see the module docstring)."""
   flat = traverse_util.flatten_dict(params, sep='/')
   modules = prune.unit_modules(params, cfg)
@@ -75,8 +76,17 @@ def _heads(flat, modules):
   return [m for m in modules if f'{m}/query/kernel' in flat]
 
 
+def greedy_masks(params, loss_fn: Callable, batches: Sequence,
+                 cfg: PruneConfig = PruneConfig(method='greedy'), fraction=None):
+  """Parameter masks of one greedy run to `fraction` (default `cfg.sparsity`) of the units'
+  weights (see `greedy_unit_masks`)."""
+  fraction = cfg.sparsity if fraction is None else fraction
+  um, _ = greedy_unit_masks(params, loss_fn, batches, [fraction], cfg)
+  return prune.expand_unit_masks(params, um[0])
+
+
 def greedy_unit_masks(params, loss_fn: Callable, batches: Sequence, fractions: Sequence[float],
-                      cfg: prune.PruneConfig = prune.PruneConfig(method='greedy'),
+                      cfg: PruneConfig = PruneConfig(method='greedy'),
                       units: Sequence[Unit] | None = None):
   """Unit masks at each of `fractions` (ascending) of one greedy run, and its history.
 

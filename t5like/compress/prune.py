@@ -36,6 +36,8 @@ import numpy as np
 from flax import traverse_util
 
 from t5like.config import ConfigError, PruneConfig, parse_nm
+from t5like.models import build_model
+from t5like.train import step as step_lib
 
 NEVER_PRUNE = (r'norm', r'scale$', r'rel_embedding')
 STACKED = '/stack/layers/'   # parameters under this have a leading layer (or layer-group) axis
@@ -178,8 +180,8 @@ def gradient_scores(params, loss_fn: Callable, batches: Iterable, cfg: PruneConf
   """Gradient-based scores over calibration batches.
 
   'taylor': sum over batches of |w * g_b| (first-order Taylor estimate of the loss change when a
-  weight is zeroed, Molchanov et al. 2017); per unit, |sum of w * g_b over the unit| (2019).
-  'snip': |w * mean_b g_b| (Lee et al. 2019). Unstructured: {path: scores}; with
+  weight is zeroed); per unit, |sum of w * g_b over the unit| (the change when the whole unit is).
+  'snip': |w * mean_b g_b| (connection sensitivity). Unstructured: {path: scores}; with
   `cfg.structured_gradients`: {module: [L, U]}.
   """
   if cfg.method not in ('taylor', 'snip'):
@@ -213,22 +215,13 @@ def gradient_scores(params, loss_fn: Callable, batches: Iterable, cfg: PruneConf
 def model_loss_fn(model_cfg) -> Callable:
   """loss(params, batch) -> mean token cross-entropy (weights `decoder_loss_weights`), no dropout,
   for a batch dict of `t5like.data.pipeline` (T5X feature names)."""
-  from t5like.models import build_model
   model = build_model(model_cfg)
 
   def loss(params, batch):
-    if model_cfg.is_encdec:
-      logits = model.apply({'params': params}, batch['encoder_input_tokens'],
-                           batch['decoder_input_tokens'], batch.get('encoder_segment_ids'),
-                           batch.get('decoder_segment_ids'), batch.get('encoder_positions'),
-                           batch.get('decoder_positions'))
-    else:
-      logits = model.apply({'params': params}, batch['decoder_input_tokens'],
-                           batch.get('decoder_segment_ids'), batch.get('decoder_positions'))
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-    nll = -jnp.take_along_axis(logp, batch['decoder_target_tokens'][..., None], -1)[..., 0]
-    w = batch['decoder_loss_weights'].astype(jnp.float32)
-    return (nll * w).sum() / jnp.maximum(w.sum(), 1.0)
+    logits = step_lib.apply_model(model, params, batch, deterministic=True)
+    w = step_lib.loss_weights(batch)
+    ce, _, _ = step_lib.cross_entropy_sums(logits, batch['decoder_target_tokens'], w)
+    return ce / jnp.maximum(w.sum(), 1.0)
 
   return loss
 
@@ -393,15 +386,15 @@ def unit_masks_of(params, masks, modules: Iterable[str] | None = None) -> dict[s
 
 def compute_masks(params, cfg: PruneConfig, *, loss_fn: Callable | None = None,
                   batches: Iterable | None = None, fraction=None, prev_masks=None):
-  """One-shot masks of `cfg` at `fraction` (default `cfg.sparsity`). Gradient methods and greedy
-  need `loss_fn(params, batch)` and calibration `batches` (a re-iterable sequence)."""
+  """One-shot masks of `cfg` at `fraction` (default `cfg.sparsity`). Gradient methods need
+  `loss_fn(params, batch)` and calibration `batches` (a re-iterable sequence); 'greedy' masks
+  come from `t5like.compress.greedy.greedy_masks`."""
   fraction = cfg.sparsity if fraction is None else fraction
-  if cfg.method in ('taylor', 'snip', 'greedy') and (loss_fn is None or batches is None):
-    raise ValueError(f'prune.method={cfg.method!r} needs loss_fn and calibration batches')
   if cfg.method == 'greedy':
-    from t5like.compress import greedy
-    um, _ = greedy.greedy_unit_masks(params, loss_fn, batches, [fraction], cfg)
-    return expand_unit_masks(params, um[0])
+    raise ConfigError("prune.method='greedy' removes units one at a time by the loss: use "
+                      't5like.compress.greedy.greedy_masks(params, loss_fn, batches, cfg)')
+  if cfg.method in ('taylor', 'snip') and (loss_fn is None or batches is None):
+    raise ValueError(f'prune.method={cfg.method!r} needs loss_fn and calibration batches')
   if cfg.method == 'structured' or (cfg.method in ('taylor', 'snip') and cfg.structured_gradients):
     if cfg.nm:
       raise ConfigError('prune.nm applies to unstructured scores, not structured ones')

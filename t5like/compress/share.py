@@ -16,12 +16,12 @@ like surgery. Written here: no library knows T5's stacked layout.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
 from t5like.compress import prune
 from t5like.config import ConfigError, ModelConfig
+from t5like.models import abstract_params
 
 STACKED = prune.STACKED
 
@@ -31,7 +31,6 @@ def _layers_of(path: str, cfg: ModelConfig) -> int:
 
 
 def _check(params, cfg: ModelConfig, where: str):
-  from t5like.models import abstract_params
   want = traverse_util.flatten_dict(abstract_params(cfg), sep='/')
   got = traverse_util.flatten_dict(params, sep='/')
   for k in set(want) | set(got):
@@ -135,7 +134,6 @@ def untie_output_embedding(params, cfg: ModelConfig):
 
 def shared_param_savings(cfg: ModelConfig, groups: int) -> int:
   """How many parameters `share_layers(..., groups)` removes from an unshared model of `cfg`."""
-  from t5like.models import abstract_params
   flat = traverse_util.flatten_dict(abstract_params(cfg.replace(shared_layer_groups=0)), sep='/')
   saved = 0
   for k, v in flat.items():

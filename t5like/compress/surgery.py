@@ -17,13 +17,13 @@ both conditions, so their surgery pads nothing. Other masks still shrink exactly
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from t5like.compress import prune
 from t5like.config import ModelConfig
+from t5like.models import abstract_params, param_count
 
 
 def _select(present: np.ndarray, k: int) -> np.ndarray:
@@ -43,7 +43,6 @@ def _gather(x, idx_LK: np.ndarray, axis: int):
 
 def shrink(params, masks, cfg: ModelConfig):
   """(smaller params, ModelConfig with fewer heads / smaller d_ff, report); see module docstring."""
-  from t5like.models import abstract_params, param_count
   if cfg.quant.weights != 'none':
     raise ValueError('surgery.shrink needs float weights; shrink before quantising '
                      f'(model.quant.weights={cfg.quant.weights!r})')

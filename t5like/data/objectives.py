@@ -1,4 +1,4 @@
-"""Pre-training objectives and packing, in pure numpy with explicit `np.random.Generator`s.
+"""Pre-training objectives, in pure numpy with explicit `np.random.Generator`s.
 
 Written here because no TensorFlow-free library provides them: `random_spans_helper`,
 `random_spans_noise_mask`, `noise_span_to_unique_sentinel` and `nonnoise_span_to_unique_sentinel`
@@ -21,20 +21,17 @@ names that are the contract with the trainer:
 - 'decoder': one stream inputs + targets: decoder_target_tokens = stream, decoder_input_tokens =
   stream shifted right with 0; decoder_loss_weights = 0 on the inputs (the prefix), 1 on targets.
 
-`Packer` / `pack_examples` put examples side by side into fixed-length rows (greedy, in order:
-an example that does not fit starts the next row), adding `*_segment_ids` (1, 2, ... per example;
-0 is padding) and `*_positions` (restarting at 0 in each segment). Because the shift right is done
-per example before packing, decoder_input_tokens restarts with 0 in every segment. Without packing
-each row holds one example. Rows are dicts of int32 arrays (float32 for the loss weights).
+Because the shift right is done per example, decoder_input_tokens restarts with 0 in every segment
+once `t5like.data.packing` puts examples side by side into rows.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 
-OBJECTIVES = ('span_corruption', 'prefix_lm', 'causal_lm')
-ARCHS = ('encdec', 'decoder')
+from t5like.config import ARCHS, OBJECTIVES
+
 ENCDEC_KEYS = ('encoder_input_tokens', 'encoder_segment_ids', 'encoder_positions',
                'decoder_input_tokens', 'decoder_target_tokens', 'decoder_segment_ids',
                'decoder_positions', 'decoder_loss_weights')
@@ -239,108 +236,3 @@ def example_features(inputs: np.ndarray, targets: np.ndarray, arch: str) -> dict
             'decoder_input_tokens': shift_right(stream),
             'decoder_loss_weights': weights}
   raise ObjectiveError(f'model arch {arch!r} is not valid; choose one of {list(ARCHS)}')
-
-
-# ----------------------------------------------------------------------------- packing
-
-def _group(key: str) -> str:
-  return key.split('_', 1)[0]  # 'encoder' or 'decoder'
-
-
-class Packer:
-  """Greedy in-order packing of examples into rows of fixed `lengths` ({'encoder': S, 'decoder': T}).
-
-  `fits(example)` says whether it joins the current row; `add` appends it; `row()` returns the
-  padded row with segment ids and positions and starts a new one. `max_segments=1` disables packing.
-  """
-
-  def __init__(self, lengths: Mapping[str, int], max_segments: int | None = None):
-    self.lengths = dict(lengths)
-    self.max_segments = max_segments
-    self._reset()
-
-  def _reset(self):
-    self._parts: list[dict[str, np.ndarray]] = []
-    self._used = {g: 0 for g in self.lengths}
-
-  def __len__(self) -> int:
-    return len(self._parts)
-
-  def _sizes(self, example) -> dict[str, int]:
-    sizes = {}
-    for key, value in example.items():
-      g = _group(key)
-      if g not in self.lengths:
-        raise ObjectiveError(f'example feature {key!r} has no row length (have {self.lengths})')
-      sizes[g] = max(sizes.get(g, 0), len(value))
-    return sizes
-
-  def fits(self, example) -> bool:
-    if self.max_segments is not None and len(self._parts) >= self.max_segments:
-      return False
-    return all(self._used[g] + n <= self.lengths[g] for g, n in self._sizes(example).items())
-
-  def add(self, example) -> None:
-    sizes = self._sizes(example)
-    for g, n in sizes.items():
-      if n > self.lengths[g]:
-        raise ObjectiveError(f'an example has {n} {g} tokens, more than the row length '
-                             f'{self.lengths[g]}; raise data.inputs_length/targets_length or '
-                             'shorten the chunks')
-    if not self.fits(example):
-      raise ObjectiveError('example does not fit the current row; call row() first')
-    self._parts.append(example)
-    for g, n in sizes.items():
-      self._used[g] += n
-
-  def row(self) -> dict[str, np.ndarray]:
-    if not self._parts:
-      raise ObjectiveError('no examples to pack into a row')
-    keys = list(self._parts[0])
-    out = {}
-    for key in keys:
-      g = _group(key)
-      dtype = np.float32 if key.endswith('loss_weights') else np.int32
-      buf = np.zeros(self.lengths[g], dtype)
-      vals = np.concatenate([p[key] for p in self._parts])
-      buf[:vals.size] = vals
-      out[key] = buf
-    for g in sorted({_group(k) for k in keys}):
-      seg = np.zeros(self.lengths[g], np.int32)
-      pos = np.zeros(self.lengths[g], np.int32)
-      start = 0
-      for i, p in enumerate(self._parts, start=1):
-        n = len(p[f'{g}_target_tokens' if g == 'decoder' else f'{g}_input_tokens'])
-        seg[start:start + n] = i
-        pos[start:start + n] = np.arange(n)
-        start += n
-      out[f'{g}_segment_ids'] = seg
-      out[f'{g}_positions'] = pos
-    self._reset()
-    return out
-
-
-def empty_row(lengths: Mapping[str, int], arch: str) -> dict[str, np.ndarray]:
-  """An all-padding row (every loss weight 0), used to fill the last eval batch."""
-  keys = ENCDEC_KEYS if arch == 'encdec' else DECODER_KEYS
-  return {k: np.zeros(lengths[_group(k)], np.float32 if k.endswith('loss_weights') else np.int32)
-          for k in keys}
-
-
-def pack_examples(examples: Sequence[Mapping[str, np.ndarray]], lengths: Mapping[str, int],
-                  pack: bool = True) -> list[dict[str, np.ndarray]]:
-  """Rows of `lengths` holding `examples` in order (one per row if not `pack`)."""
-  packer = Packer(lengths, max_segments=None if pack else 1)
-  rows = []
-  for ex in examples:
-    if len(packer) and not packer.fits(ex):
-      rows.append(packer.row())
-    packer.add(ex)
-  if len(packer):
-    rows.append(packer.row())
-  return rows
-
-
-def stack_rows(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """A batch [B, L] per feature from B rows."""
-  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}

@@ -53,10 +53,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t5like import paths
+from t5like.config import ARCHS
 
 from t5like.data import augment as augment_lib
 from t5like.data import corpus as corpus_lib
 from t5like.data import objectives
+from t5like.data import packing
 from t5like.data import records as records_lib
 from t5like.data import tokenizer as tokenizer_lib
 
@@ -73,9 +75,8 @@ class PipelineError(ValueError):
 
 def sequence_lengths(data_cfg, model_arch: str) -> dict[str, int]:
   """Row lengths: {'encoder': S, 'decoder': T} for 'encdec', {'decoder': T} for 'decoder'."""
-  if model_arch not in objectives.ARCHS:
-    raise PipelineError(f'model arch {model_arch!r} is not valid; choose one of '
-                        f'{list(objectives.ARCHS)}')
+  if model_arch not in ARCHS:
+    raise PipelineError(f'model arch {model_arch!r} is not valid; choose one of {list(ARCHS)}')
   if data_cfg.objective == 'causal_lm' and model_arch != 'decoder':
     raise PipelineError("data.objective='causal_lm' needs a decoder-only model (arch 'decoder'); "
                         "for 'encdec' use 'span_corruption' or 'prefix_lm'")
@@ -146,7 +147,7 @@ class TrainIterator:
     self._examples = examples
     self._it = iter(examples)
     self._pending = None          # (grain state before it, example) that did not fit a row
-    self._packer = objectives.Packer(self.lengths, max_segments=None if pack else 1)
+    self._packer = packing.Packer(self.lengths, max_segments=None if pack else 1)
 
   def __iter__(self) -> 'TrainIterator':
     return self
@@ -170,7 +171,7 @@ class TrainIterator:
         return packer.row()
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return objectives.stack_rows([self._next_row() for _ in range(self.batch_size)])
+    return packing.stack_rows([self._next_row() for _ in range(self.batch_size)])
 
   def get_state(self) -> dict[str, Any]:
     """JSON-able position: grain's state at the first example not yet in a returned batch."""
@@ -188,7 +189,7 @@ class TrainIterator:
                           'count, or start a fresh workdir')
     self._it.set_state(state['grain'])
     self._pending = None
-    self._packer = objectives.Packer(self.lengths, max_segments=None if self.pack else 1)
+    self._packer = packing.Packer(self.lengths, max_segments=None if self.pack else 1)
 
 
 class RowSlotIterator:
@@ -216,7 +217,7 @@ class RowSlotIterator:
     return self
 
   def _row(self, i: int) -> dict[str, np.ndarray]:
-    packer = objectives.Packer(self.lengths, max_segments=None if self.pack else 1)
+    packer = packing.Packer(self.lengths, max_segments=None if self.pack else 1)
     slot, B = self.rows[i], self.global_batch
     while True:
       ex = self._examples[int(slot + self._next[i] * B)]
@@ -235,7 +236,7 @@ class RowSlotIterator:
       rows = list(self._pool.map(self._row, range(self.batch_size)))
     else:
       rows = [self._row(i) for i in range(self.batch_size)]
-    return objectives.stack_rows(rows)
+    return packing.stack_rows(rows)
 
   def get_state(self) -> dict[str, Any]:
     """JSON-able global position: every slot's next example. With several processes this is a
@@ -314,9 +315,9 @@ def make_eval_batches(chunks: Sequence[np.ndarray], data_cfg, model_arch: str,
   def rows():
     if not cache:
       examples = [fn(c, np.random.default_rng([eval_seed, i])) for i, c in enumerate(chunks)]
-      packed = objectives.pack_examples(examples, lengths, pack=data_cfg.pack)
+      packed = packing.pack_examples(examples, lengths, pack=data_cfg.pack)
       global_batch = data_cfg.batch_size
-      packed += [objectives.empty_row(lengths, model_arch)] * (-len(packed) % global_batch)
+      packed += [packing.empty_row(lengths, model_arch)] * (-len(packed) % global_batch)
       cache.extend(packed)
     return cache
 
@@ -324,7 +325,7 @@ def make_eval_batches(chunks: Sequence[np.ndarray], data_cfg, model_arch: str,
     all_rows = rows()
     g = data_cfg.batch_size
     for start in range(0, len(all_rows), g):
-      yield objectives.stack_rows(all_rows[start + pi * local_batch:start + (pi + 1) * local_batch])
+      yield packing.stack_rows(all_rows[start + pi * local_batch:start + (pi + 1) * local_batch])
 
   return eval_batches
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
-from t5like.data import objectives
+from t5like.data import objectives, packing
 from t5like.data import pipeline as pipeline_lib
 from t5like.data import tokenizer as tokenizer_lib
 from t5like.data.tasks import Example, Task, TaskError
@@ -173,11 +173,11 @@ def make_task_datasets(tasks: Sequence[tuple[Task, float]], data_cfg, model_arch
 
   def eval_batches() -> Iterator[dict[str, np.ndarray]]:
     if not cache:
-      rows = objectives.pack_examples([fn(e) for e in val], lengths, pack=data_cfg.pack)
-      rows += [objectives.empty_row(lengths, model_arch)] * (-len(rows) % data_cfg.batch_size)
+      rows = packing.pack_examples([fn(e) for e in val], lengths, pack=data_cfg.pack)
+      rows += [packing.empty_row(lengths, model_arch)] * (-len(rows) % data_cfg.batch_size)
       cache.extend(rows)
     g = data_cfg.batch_size
     for start in range(0, len(cache), g):
-      yield objectives.stack_rows(cache[start + pi * local_batch:start + (pi + 1) * local_batch])
+      yield packing.stack_rows(cache[start + pi * local_batch:start + (pi + 1) * local_batch])
 
   return train_iter, eval_batches, report

@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from t5like.config import ConfigError, MeshConfig, ModelConfig
+from t5like.parallel import pipeline
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'stage')
 
@@ -161,7 +162,6 @@ def num_microbatches(mesh_cfg: MeshConfig, stages: int) -> int:
 def activate(mesh: Mesh, rules, mesh_cfg: MeshConfig | None = None):
   """Where to trace and run sharded code: the mesh (jax.set_mesh), the logical-axis rules, and,
   when the mesh has stages, the pipeline schedule of `mesh_cfg` (microbatches, repeats)."""
-  from t5like.parallel import pipeline
   if isinstance(rules, str):
     rules = get_rules(rules)
   stages = dict(mesh.shape).get('stage', 1)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5like.config import ModelConfig
-from t5like.data import objectives
+from t5like.data import objectives, packing
 from t5like.data import task_pipeline
 from t5like.data.tasks import Task, TaskError
 from t5like.data.tasks import metrics as metrics_lib
@@ -140,18 +140,18 @@ def score(params, cfg: ModelConfig, tokenizer, inputs: Sequence[str], targets: S
   for a, b in zip(ins, tgts):
     ids_in, ids_tgt, (ci, ct) = task_pipeline.fit_ids(a, b, lengths, arch, 'truncate')
     cut += ci or ct
-    rows.append(objectives.pack_examples(
+    rows.append(packing.pack_examples(
         [objectives.example_features(np.asarray(ids_in), np.asarray(ids_tgt), arch)],
         lengths, pack=False)[0])
   if cut:
     log.warning('score: %d of %d examples were cut to fit %s', cut, len(rows), lengths)
   out = np.zeros(len(rows), np.float64)
   progress = Progress('scoring', len(rows), print_fn)
-  empty = objectives.empty_row(lengths, arch)
+  empty = packing.empty_row(lengths, arch)
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
     n = len(chunk)
-    batch = objectives.stack_rows(chunk + [empty] * (batch_size - n))
+    batch = packing.stack_rows(chunk + [empty] * (batch_size - n))
     res = _sequence_logprobs(params, {k: jnp.asarray(v) for k, v in batch.items()}, cfg)
     out[start:start + n] = np.asarray(jax.device_get(res))[:n]
     progress.update(start + n)

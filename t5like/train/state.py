@@ -7,7 +7,7 @@ counter, parameters, optimizer state, the run's base rng key and the loss scale 
 the step functions. The data-iterator position and the resolved config are saved next to the state
 by `t5like.train.checkpoint`, not inside it.
 
-Creation never materialises on one host (DESIGN.md, convention 5): `jax.eval_shape` of the init
+Creation never materialises on one host: `jax.eval_shape` of the init
 function gives the boxed (logically partitioned) tree, whose names the mesh rules turn into
 NamedShardings, and the init is jitted with those `out_shardings` (`partition.sharded_init`).
 """

@@ -40,10 +40,12 @@ from t5like import precision
 from t5like.config import ModelConfig
 from t5like.optim import adaptive
 from t5like.parallel import partition
-from t5like.parallel.mesh import activate as mesh_context
+from t5like.parallel import mesh as mesh_lib
 from t5like.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
+# Where steps are traced and run: the mesh, its logical-axis rules and pipeline schedule.
+mesh_context = mesh_lib.activate
 # Sums over a (micro)batch's weighted target tokens: (what the gradient is taken of, metric sums).
 LossSums = tuple[jax.Array, dict[str, jax.Array]]
 

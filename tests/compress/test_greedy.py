@@ -2,9 +2,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from t5like.compress import greedy, prune
-from t5like.config import get_variant
+from t5like.config import ConfigError, get_variant
 from prune_testutil import random_params
 from t5like.models import build_model
 
@@ -42,3 +43,11 @@ def test_greedy_removes_known_least_important_units_first():
   assert np.asarray(masks[0][f'{enc}/mlp']).all()
   assert not np.asarray(masks[1][f'{enc}/mlp'])[0, :32].any()
   assert history[1]['fraction'] == (4096 + 32 * 128) / unit_params
+  # The parameter masks of one run to 0.1: the same unit masks, expanded; compute_masks points
+  # 'greedy' at it.
+  pmasks = greedy.greedy_masks(params, loss_fn, [tok], pcfg, fraction=0.1)
+  want = prune.expand_unit_masks(params, masks[0])
+  for a, b in zip(jax.tree.leaves(pmasks), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ConfigError, match='greedy_masks'):
+    prune.compute_masks(params, pcfg, loss_fn=loss_fn, batches=[tok])
