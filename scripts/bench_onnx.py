@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import tempfile
 import time
 
@@ -62,6 +63,14 @@ def inputs_for(cfg, batch: int, input_len: int):
 
 
 def run(args) -> dict:
+  folder = tempfile.mkdtemp(prefix='onnx_bench_')
+  try:
+    return _run(args, folder)
+  finally:   # the exported graphs: hundreds of MB
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run(args, folder: str) -> dict:
   import onnxruntime
   cfg = get_variant(args.variant)
   params = jax.device_get(init_params(cfg, jax.random.key(0)))
@@ -72,7 +81,6 @@ def run(args) -> dict:
             'host': f'{platform.machine()}, {os.cpu_count()} CPUs (shared, noisy: other jobs ran)',
             'onnxruntime': onnxruntime.__version__, 'jax': jax.__version__,
             'ort_intra_op_threads': 'default (one per physical core)'}
-  folder = tempfile.mkdtemp(prefix='onnx_bench_')
   t = time.perf_counter()
   t5onnx.export_onnx(cfg, params, os.path.join(folder, 'f32'))
   result['export_s'] = round(time.perf_counter() - t, 2)
