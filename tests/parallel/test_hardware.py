@@ -59,3 +59,9 @@ def test_jax_requirement():
   assert hardware.jax_requirement('tpu', '0.10.2') == 'jax[tpu]==0.10.2'
   with pytest.raises(ValueError, match="'rocm'"):
     hardware.jax_requirement('rocm', '0.10.2')
+
+
+def test_progress_line_shows_both_mfus():
+  from t5like.train.metrics import ProgressLine
+  line = ProgressLine(100).line(10, {'loss': 2.0, 'mfu': 0.31, 'mfu_published': 0.42})
+  assert 'MFU 31.0% (42.0% of published peak)' in line
