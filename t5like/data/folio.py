@@ -337,3 +337,27 @@ def split_pairs(split: str, cache_dir: str = '') -> tuple[list[Pair], AlignStats
     pairs.extend(p)
     stats.add(s)
   return pairs, stats
+
+
+def main(argv=None) -> None:
+  """`python -m t5like.data.folio [out.json]`: pair counts per split and play, as JSON."""
+  import sys
+  argv = sys.argv[1:] if argv is None else argv
+  out: dict = {'alignment_version': ALIGNMENT_VERSION, 'method': 'difflib.SequenceMatcher over '
+               'spelling-normalised word keys; line groups <= %d lines, line coverage >= %.2f, '
+               'similarity >= %.2f' % (MAX_GROUP_LINES, MIN_LINE_COVERAGE, MIN_SIMILARITY),
+               'splits': {}}
+  for split in SPLITS:
+    pairs, stats = split_pairs(split)
+    out['splits'][split] = {'plays': list(split_plays(split)), 'pairs': len(pairs),
+                            'stats': dataclasses.asdict(stats)}
+  out['total_pairs'] = sum(s['pairs'] for s in out['splits'].values())
+  text = json.dumps(out, indent=2)
+  if argv:
+    with open(argv[0], 'w') as f:
+      f.write(text + '\n')
+  print(text)
+
+
+if __name__ == '__main__':
+  main()

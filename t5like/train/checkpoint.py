@@ -71,18 +71,23 @@ class Checkpointer:
   """The run's checkpoint folder (see the module docstring)."""
 
   def __init__(self, directory: str, *, keep: int = 3, keep_best: int = 1,
-               async_save: bool = True):
+               async_save: bool = True, best_metric: str = VAL_METRIC, best_mode: str = 'min'):
     if keep < 1:
       raise CheckpointError(f'keep_checkpoints must be >= 1, got {keep}')
+    if best_mode not in ('min', 'max'):
+      raise CheckpointError(f"best_mode={best_mode!r} is not valid; choose 'min' or 'max'")
+    # The best checkpoints are those with the lowest (or highest) `best_metric` among the saves
+    # that carry metrics (each evaluation's: the validation loss, and task metrics if any).
+    metric = lambda m: m[best_metric]
     self.directory = paths.as_str(paths.resolve(directory))   # a gs:// URI stays one
     _quiet_orbax_metrics_warning()
     policies = [ocm.LatestN(n=keep)]
     if keep_best:
-      policies.append(ocm.BestN(get_metric_fn=lambda m: m[VAL_METRIC], reverse=True,
+      policies.append(ocm.BestN(get_metric_fn=metric, reverse=best_mode == 'min',
                                 n=keep_best, keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocm.AnyPreservationPolicy(policies),
-        best_fn=lambda m: m[VAL_METRIC], best_mode='min',  # metrics persist across restarts
+        best_fn=metric, best_mode=best_mode,  # metrics persist across restarts
         enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
@@ -96,13 +101,15 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state, data_state: Mapping[str, Any], config: Mapping[str, Any],
-           val_loss: float | None = None) -> None:
-    """Starts an async save of step `step`; `wait()` blocks until it is on disk."""
+           val_loss: float | None = None, metrics: Mapping[str, float] | None = None) -> None:
+    """Starts an async save of step `step`; `wait()` blocks until it is on disk. `metrics`
+    (with `val_loss`) are what the best checkpoints are chosen by."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(dict(data_state)),
                               config=ocp.args.JsonSave(dict(config)))
-    metrics = None if val_loss is None else {VAL_METRIC: float(val_loss)}
-    self.manager.save(step, args=args, metrics=metrics, force=True)
+    saved = None if val_loss is None else {
+        VAL_METRIC: float(val_loss), **{k: float(v) for k, v in (metrics or {}).items()}}
+    self.manager.save(step, args=args, metrics=saved, force=True)
 
   def read_config(self, step: int) -> dict[str, Any]:
     """The config saved with `step` (a CheckpointError if it cannot be read)."""

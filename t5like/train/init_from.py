@@ -34,7 +34,7 @@ from t5like.train import checkpoint as ckpt_lib
 
 KINDS = ('workdir', 'bundle', 'hf')
 PARTIAL = ('', 'encoder')
-CHECKPOINT_DIR = 'checkpoints'
+CHECKPOINT_DIR = ckpt_lib.CHECKPOINT_DIR
 # An exported bundle's files (t5like.serve.bundle writes them).
 BUNDLE_PARAMS, BUNDLE_CONFIG, BUNDLE_TOKENIZER = 'params.safetensors', 'config.json', 'tokenizer.model'
 HF_TOKENIZER = 'spiece.model'
@@ -121,35 +121,7 @@ def _restore_workdir(workdir: str, step) -> tuple[Any, dict, int]:
         raise InitFromError(f'{workdir} has no checkpoint at step {step}; it has {steps}')
   finally:
     ckpt.close()
-  return restore_params(os.path.join(workdir, CHECKPOINT_DIR), step), ckpt_config(workdir, step), step
-
-
-def ckpt_config(workdir: str, step: int) -> dict:
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), async_save=False, keep_best=0)
-  try:
-    return ckpt.read_config(step)
-  finally:
-    ckpt.close()
-
-
-def restore_params(checkpoint_dir: str, step: int):
-  """The params of checkpoint `step` as host numpy arrays, whatever mesh saved them."""
-  import orbax.checkpoint as ocp  # the checkpoint library, only needed here
-  path = os.path.join(checkpoint_dir, str(step), 'state')
-  try:
-    # The saved tree's shapes and dtypes, read without restoring (and without the run's mesh).
-    meta = ocp.StandardCheckpointer().metadata(path)
-    meta = getattr(meta, 'item_metadata', meta)
-    meta = getattr(meta, 'tree', meta)
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                          dict(meta), is_leaf=lambda x: hasattr(x, 'shape'))
-    state = ocp.StandardCheckpointer().restore(path, target)
-  except Exception as e:  # orbax / tensorstore errors all mean "unreadable"
-    raise InitFromError(f'checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:300]}); '
-                        'it is corrupt or incomplete') from e
-  params = state['params'] if isinstance(state, Mapping) else state.params
-  return jax.tree.map(np.asarray, params)
+  return ckpt_lib.restore_params(workdir, step)
 
 
 def load_pretrained(path: str, step='latest') -> Pretrained:

@@ -56,6 +56,7 @@ from t5like.optim import make_optimizer, make_schedule, observe_validation
 from t5like.parallel import hardware, partition
 from t5like.parallel.mesh import get_rules, make_mesh
 from t5like.train import checkpoint as ckpt_lib
+from t5like.train import finetune
 from t5like.train import metrics as metrics_lib
 from t5like.train import samples as samples_lib
 from t5like.train import state as state_lib
@@ -106,6 +107,8 @@ class _Run:
   tokenizer: Any
   print_fn: Callable[[str], None]
   timings: dict               # filled as the run goes (seconds per phase)
+  pretrained: Any = None      # init_from's weights (finetune.load_init), applied on a fresh start
+  task_eval: Any = None       # finetune.TaskEvaluator: task metrics at each evaluation
 
 
 class _StopOnSignal:
@@ -202,8 +205,9 @@ def train(config: TrainConfig, workdir: str, *, technique: Technique | None = No
   mesh = make_mesh(config.mesh, devices)
   rules = get_rules(config.mesh.rules)
 
-  train_iter, eval_batches, tokenizer = pipeline.make_datasets(
-      config.data, config.model.arch, workdir, seed=config.seed)
+  # A task run (config.task) and init_from change the data, the tokenizer and the first params.
+  pretrained, config = finetune.load_init(config)
+  train_iter, eval_batches, tokenizer, _ = finetune.make_data(config, workdir, pretrained)
   timings = {'data_s': time.perf_counter() - t_start}
   config = resolve_config(config, tokenizer)
   config_dict = config_lib.to_dict(config)
@@ -224,15 +228,18 @@ def train(config: TrainConfig, workdir: str, *, technique: Technique | None = No
     extra = (jax.device_put(technique.extra, extra_sh),)
 
   tx = make_optimizer(config.optim, None, config.num_steps)
+  task_eval = finetune.TaskEvaluator(config, tokenizer, workdir) if config.task.name else None
   ckpt = ckpt_lib.Checkpointer(_in_workdir(workdir, CHECKPOINT_DIR),
                                keep=config.keep_checkpoints,
                                keep_best=config.keep_best_checkpoints,
-                               async_save=config.async_checkpointing)
+                               async_save=config.async_checkpointing,
+                               **finetune.best_checkpoint_options(config))
   run = _Run(config=config, config_dict=config_dict, workdir=workdir, mesh=mesh, rules=rules,
              model=build_model(config.model), tx=tx,
              schedule=make_schedule(config.optim, config.num_steps), loss=loss, extra=extra,
              extra_shardings=extra_sh, ckpt=ckpt, train_iter=train_iter,
-             eval_batches=eval_batches, tokenizer=tokenizer, print_fn=print_fn, timings=timings)
+             eval_batches=eval_batches, tokenizer=tokenizer, print_fn=print_fn, timings=timings,
+             pretrained=pretrained, task_eval=task_eval)
   try:
     state, shardings, start = _restore_or_init(run)
     summary = {'workdir': workdir, 'start_step': start, 'interrupted': None}
@@ -257,6 +264,9 @@ def _restore_or_init(run: _Run):
   if start is None:
     state, shardings = state_lib.create_train_state(config.model, run.tx, run.mesh, run.rules,
                                                     config.seed)
+    state = finetune.init_params(state, shardings, run.pretrained, config)
+    if run.pretrained is not None:
+      run.print_fn(f'parameters from {run.pretrained.source} (optimizer state fresh)')
     start = 0
   else:
     abstract, shardings = state_lib.abstract_train_state(config.model, run.tx, run.mesh, run.rules)
@@ -310,6 +320,10 @@ def _steps(run: _Run, state, shardings, start: int, summary: dict):
   def run_eval(params):
     t = time.perf_counter()
     out = evaluate(eval_fn, params, run.eval_batches, mesh, config.eval_batches)
+    if run.task_eval is not None:   # decode the task's evaluation examples, task metrics
+      out.update(run.task_eval(params))
+      print_fn('task ' + ', '.join(f'{k[5:]} {v:.2f}' for k, v in out.items()
+                                   if k.startswith('task/')))
     run.timings['eval_s'] += time.perf_counter() - t
     return out
 
@@ -360,7 +374,9 @@ def _steps(run: _Run, state, shardings, start: int, summary: dict):
             state = state.replace(opt_state=jax.device_put(
                 observe_validation(state.opt_state, val_loss), shardings.opt_state))
         if is_ckpt:
-          ckpt.save(step, state, run.train_iter.get_state(), run.config_dict, val_loss=val_loss)
+          ckpt.save(step, state, run.train_iter.get_state(), run.config_dict, val_loss=val_loss,
+                    metrics={k: v for k, v in val.items() if k.startswith('task/')}
+                    if val_loss is not None else None)
         clock, clock_step = time.perf_counter(), step
       if stopping:
         ckpt.wait()
