@@ -17,9 +17,7 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import _eval_common  # noqa: E402,F401  (puts the repository on sys.path)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PRETRAINED = flags.DEFINE_string('pretrained', 'runs/folio_pretrained', 'Workdir of run (a).')
 SCRATCH = flags.DEFINE_string('scratch', 'runs/folio_scratch', 'Workdir of run (b).')
@@ -38,7 +36,9 @@ def main(argv):
   from t5like.data.tasks import metrics as metrics_lib
   from t5like.train import evaluation, init_from
 
-  task = Registry().get_task('folio_modernize')
+  from t5like.train import metrics as train_metrics
+  cache = os.path.join(PRETRAINED.value, 'tasks')   # the runs' alignment cache
+  task = Registry(cache_dir=cache).get_task('folio_modernize')
   examples = task.examples('test')[::STRIDE.value]
   refs = [e.target for e in examples]
   systems = {'copy': [e.meta['raw_input'] for e in examples]}
@@ -61,7 +61,7 @@ def main(argv):
          'validation_plays': list(folio.VALIDATION_PLAYS), 'examples': len(examples),
          'stride': STRIDE.value, 'alignment': {}, 'runs': runs, 'systems': {}}
   for split in folio.SPLITS:
-    pairs, stats = folio.split_pairs(split)
+    pairs, stats = folio.split_pairs(split, cache)
     out['alignment'][split] = {'pairs': len(pairs), **stats.__dict__}
   for name, preds in systems.items():
     out['systems'][name] = metrics_lib.with_confidence(METRICS, preds, refs, N_BOOTSTRAP.value)
@@ -71,16 +71,47 @@ def main(argv):
       'pretrained_vs_copy': metrics_lib.paired_significance(
           METRICS, systems['pretrained'], systems['copy'], refs, N_BOOTSTRAP.value)}
   os.makedirs(OUT.value, exist_ok=True)
-  with open(os.path.join(OUT.value, 'metrics.json'), 'w') as f:
-    json.dump(out, f, indent=2)
+  # The copy baseline on the validation examples the runs decoded at each evaluation.
+  n_val = json.load(open(os.path.join(PRETRAINED.value, 'config.json')))['task']['eval_examples']
+  val = task.examples('validation')[:n_val or None]
+  out['copy_validation'] = metrics_lib.compute(METRICS, [e.meta['raw_input'] for e in val],
+                                               [e.target for e in val])
   for name, preds in systems.items():
     evaluation.write_jsonl(os.path.join(OUT.value, f'predictions_{name}.jsonl'), [
         {'input': e.meta['raw_input'], 'target': e.target, 'prediction': p, 'play': e.meta['play']}
         for e, p in zip(examples, preds)])
+  out['curves'] = {name: [{k: r[k] for k in ('step', 'loss', 'task/chrf', 'task/bleu') if k in r}
+                          for r in train_metrics.read_jsonl(
+                              os.path.join(runs[name]['workdir'], 'metrics.jsonl'))
+                          if r.get('split') == 'eval']
+                   for name in runs}
+  with open(os.path.join(OUT.value, 'metrics.json'), 'w') as f:
+    json.dump(out, f, indent=2)
+  _plot(out['curves'], out['copy_validation']['chrf'], os.path.join(OUT.value, 'curves.png'))
   for name, m in out['systems'].items():
     print(f'{name:>10}: ' + ', '.join(f'{k} {v["score"]:.2f} [{v["low"]:.2f}, {v["high"]:.2f}]'
                                       for k, v in m.items()))
   print(json.dumps(out['significance'], indent=2))
+
+
+def _plot(curves, copy_chrf, path):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for name, rows in curves.items():
+    steps = [r['step'] for r in rows]
+    axes[0].plot(steps, [r['loss'] for r in rows], marker='o', label=name)
+    axes[1].plot(steps, [r.get('task/chrf', float('nan')) for r in rows], marker='o', label=name)
+  axes[1].axhline(copy_chrf, color='gray', linestyle='--', label='copy baseline')
+  axes[0].set(xlabel='step', ylabel='validation loss', title='folio_modernize: validation loss')
+  axes[1].set(xlabel='step', ylabel='chrF', title='validation chrF (decoded examples)')
+  for ax in axes:
+    ax.legend()
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 if __name__ == '__main__':

@@ -59,6 +59,7 @@ def make_data(config: TrainConfig, workdir: str, pretrained: init_lib.Pretrained
                       'supported; set task.name to fine-tune on a task')
   if pretrained is not None:
     tok = pretrained.tokenizer
+    _save_tokenizer(tok, workdir)
   elif config.data.tokenizer:
     tok = tokenizer_lib.Tokenizer.from_file(config.data.tokenizer)
   else:
@@ -71,6 +72,18 @@ def make_data(config: TrainConfig, workdir: str, pretrained: init_lib.Pretrained
       tasks, config.data, config.model.arch, tok, seed=config.seed,
       length_policy=config.task.length_policy, eval_split=config.task.eval_split)
   return train_iter, eval_batches, tok, report
+
+
+def _save_tokenizer(tok, workdir: str) -> None:
+  # The run's own copy of init_from's tokenizer: evaluation and later init_from read it there.
+  folder = os.path.join(workdir, 'tokenizer')
+  path = os.path.join(folder, 'spm_init_from.model')
+  if not os.path.exists(path):
+    os.makedirs(folder, exist_ok=True)
+    tmp = f'{path}.tmp'
+    with open(tmp, 'wb') as f:
+      f.write(tok.model_proto)
+    os.replace(tmp, path)
 
 
 def init_params(state, shardings, pretrained: init_lib.Pretrained | None, config: TrainConfig):
