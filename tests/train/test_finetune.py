@@ -81,6 +81,9 @@ def test_init_from_workdir_starts_from_its_params(run, task_file, tmp_path):
   assert first_evals[0]['task/chrf'] == pytest.approx(evals[-1]['task/chrf'])
   saved = json.loads(open(os.path.join(second, 'config.json')).read())
   assert saved['init_from'] == workdir
+  # The run keeps init_from's tokenizer, so it can be evaluated and used as init_from itself.
+  assert init_from.load_pretrained(second).tokenizer.model_proto == (
+      init_from.load_pretrained(workdir).tokenizer.model_proto)
 
 
 def test_bad_task_settings(task_file, tmp_path):
