@@ -3,9 +3,9 @@
   POST /v1/completions        OpenAI's fields (t5like.serve.schemas.CompletionRequest): prompt is
                               text, token ids, or a list of either (batched: one choice per prompt
                               and n); n, logprobs (top-N per token), echo (decoder-only), stop,
-                              seed, stream (SSE ending in `data: [DONE]`), stream_options; extensions
-                              top_k, stop_token_ids, timeout (seconds, at most the server's),
-                              return_token_ids
+                              seed, stream (SSE ending in `data: [DONE]`), stream_options;
+                              extensions top_k, stop_token_ids, timeout (seconds, at most the
+                              server's), return_token_ids
   POST /v1/chat/completions   messages rendered by the bundle's chat template (t5like.serve.chat);
                               n, logprobs + top_logprobs, stream, the sampling fields above
   POST /v1/score              log-likelihood of each target given the input, batched
@@ -247,7 +247,8 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
     out = dict(extra or {})
     unknown = getattr(request.state, 'unknown_fields', None)
     if unknown:
-      out['Warning'] = ascii(f'299 t5like "unknown fields ignored: {", ".join(unknown)}"')[1:-1][:300]
+      note = f'299 t5like "unknown fields ignored: {", ".join(unknown)}"'
+      out['Warning'] = ascii(note)[1:-1][:300]   # header values are ASCII
     return out
 
   def lookup(request: Request, model: str) -> registry_lib.ModelVersion:
@@ -563,8 +564,8 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
     mv = lookup(request, req.model)
     ids = await run_in_threadpool(encode, mv, req.prompt, 'prompt',
                                   req.add_special_tokens and mv.cfg.is_encdec)
-    return JSONResponse({'tokens': ids, 'count': len(ids), 'max_model_len': mv.engine.max_prompt_len},
-                        headers=headers(request))
+    return JSONResponse({'tokens': ids, 'count': len(ids),
+                         'max_model_len': mv.engine.max_prompt_len}, headers=headers(request))
 
   @app.post('/detokenize', openapi_extra=_body_schema(schemas.DetokenizeRequest, body_models))
   async def detokenize(request: Request):

@@ -236,8 +236,9 @@ def load_bundle(path: str) -> Bundle:
                         't5like.serve.bundle.export_bundle or `python -m t5like.serve.bundle`)')
   for f in [path] + [os.path.join(path, f) for f in os.listdir(path)]:
     if not os.access(f, os.R_OK | (os.X_OK if os.path.isdir(f) else 0)):
-      raise BundleUnreadable(f'{f}: permission denied (mode {oct(os.stat(f).st_mode & 0o777)}); the '
-                        'server\'s user needs read access: chmod -R a+rX the bundle folder')
+      mode = oct(os.stat(f).st_mode & 0o777)
+      raise BundleUnreadable(f'{f}: permission denied (mode {mode}); the server\'s user needs '
+                             'read access: chmod -R a+rX the bundle folder')
   try:
     with open(os.path.join(path, CONFIG_FILE)) as f:
       cfg = from_dict(ModelConfig, json.load(f), prefix='model')

@@ -32,7 +32,8 @@ class TextTracker:
     """Appends a token; returns the new text that is safe to send."""
     self.ids.append(token_id)
     prev, self.text = self.text, self.tok.decode(self.ids)
-    self.piece = self.text[len(prev):] if self.text.startswith(prev) else self.tok.decode([token_id])
+    self.piece = (self.text[len(prev):] if self.text.startswith(prev)
+                  else self.tok.decode([token_id]))
     for s in self.stop:
       i = self.text.find(s, max(0, self.sent - len(s)))
       if i >= 0:

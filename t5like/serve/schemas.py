@@ -177,7 +177,8 @@ def _check_tree(data: Any) -> None:
   while stack:
     node, depth, where = stack.pop()
     if depth > MAX_DEPTH:
-      raise ApiError(400, f'the request body is nested deeper than {MAX_DEPTH} levels', where or None)
+      raise ApiError(400, f'the request body is nested deeper than {MAX_DEPTH} levels',
+                     where or None)
     if isinstance(node, dict):
       for k, v in node.items():
         _check_str(k, where)
@@ -203,9 +204,11 @@ def load_json(body: bytes) -> Any:
   try:
     data = json.loads(body, parse_constant=_reject_constant)
   except RecursionError:
-    raise ApiError(400, f'the request body is nested too deeply (limit {MAX_DEPTH} levels)') from None
+    raise ApiError(400, f'the request body is nested too deeply (limit {MAX_DEPTH} levels)') \
+        from None
   except UnicodeDecodeError as e:
-    raise ApiError(400, f'the request body is not valid UTF-8 ({e.reason} at byte {e.start})') from None
+    raise ApiError(400, f'the request body is not valid UTF-8 ({e.reason} at byte {e.start})') \
+        from None
   except ValueError as e:   # JSONDecodeError, over-long integer literals, NaN / Infinity
     raise ApiError(400, f'the request body is not valid JSON: {str(e)[:200]}') from None
   _check_tree(data)

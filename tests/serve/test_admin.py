@@ -54,7 +54,8 @@ def test_version_switch_while_requests_run(admin_live):
   assert v2_engine.params is None
   assert before - live_bytes() >= v2_bytes
   # Traffic now goes to version 1; an explicit version 2 is refused.
-  r = admin_live.client.post('/v1/completions', json={'model': 'tiny', 'prompt': 'x', 'max_tokens': 2})
+  r = admin_live.client.post('/v1/completions',
+                             json={'model': 'tiny', 'prompt': 'x', 'max_tokens': 2})
   assert r.status_code == 200
   assert admin_live.client.post('/v1/completions',
                           json={'model': 'tiny:2', 'prompt': 'x', 'max_tokens': 2}).status_code == 503

@@ -16,7 +16,7 @@ from t5like.infer import decode
 from t5like.serve import bundle
 from t5like.serve.app import create_app
 from t5like.serve.registry import ModelRegistry
-from tests.serve.conftest import ENGINE_KW, PROMPTS, ServerThread, wait_until
+from tests.serve.conftest import ENGINE_KW, PROMPTS, wait_until
 from tests.serve.test_server import post, scrape, sse_events, value
 
 

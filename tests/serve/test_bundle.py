@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from t5like import precision
-from t5like.config import TrainConfig, get_variant, to_dict
+from t5like.config import TrainConfig, to_dict
 from t5like.compress.quantize import quantize_params
 from t5like.infer.engine import Request, SamplingParams
 from t5like.serve import bundle

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from t5like.serve.app import create_app
-from tests.serve.conftest import ENGINE_KW, MAX_BODY
+from tests.serve.conftest import MAX_BODY
 
 JSON = {'content-type': 'application/json'}
 
@@ -31,7 +31,8 @@ def assert_openai_error(r, status, param=None):
 
 HOSTILE = [
     ('lone surrogate in prompt', b'{"model": "tiny", "prompt": "ab\\ud800cd"}', 'prompt'),
-    ('lone low surrogate in stop', b'{"model": "tiny", "prompt": "x", "stop": ["\\udfff"]}', 'stop'),
+    ('lone low surrogate in stop', b'{"model": "tiny", "prompt": "x", "stop": ["\\udfff"]}',
+     'stop'),
     ('lone surrogate in model', b'{"model": "\\ud83d", "prompt": "x"}', 'model'),
     ('lone surrogate in a key', b'{"model": "tiny", "prompt": "x", "\\ud800": 1}', None),
     ('lone surrogate in a chat message',
@@ -112,7 +113,8 @@ def test_no_filesystem_paths_for_clients(live, base_path):
     assert r.status_code == 200 and root not in r.text and '/tmp' not in r.text, path
   schema = live.client.get('/openapi.json').json()
   assert not [p for p in schema['paths'] if p.startswith('/admin')]
-  assert {'/v1/completions', '/v1/chat/completions', '/v1/score', '/tokenize'} <= set(schema['paths'])
+  public = {'/v1/completions', '/v1/chat/completions', '/v1/score', '/tokenize'}
+  assert public <= set(schema['paths'])
   assert 'CompletionRequest' in schema['components']['schemas']
 
 

@@ -148,7 +148,8 @@ def test_incomplete_folder_waits_until_complete(server):
   (folder / 'params.safetensors').write_bytes(data)
   server.registry.reload()
   answers(server, 3)
-  st = {s['version']: s['state'] for s in server.client.get('/v1/models/m').json()['model_version_status']}
+  st = server.client.get('/v1/models/m').json()['model_version_status']
+  st = {s['version']: s['state'] for s in st}
   assert st['3'] == 'AVAILABLE' and st['1'] == 'END'
 
 
