@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
+from t5like.data import augment as augment_lib
 from t5like.data import objectives, packing
 from t5like.data import pipeline as pipeline_lib
 from t5like.data import tokenizer as tokenizer_lib
@@ -109,13 +110,30 @@ def apply_length_policy(examples: Sequence[Example], tokenizer, lengths: Mapping
 
 
 class EncodeExample:
-  """Example -> unpacked model features (tokenised here, one example at a time)."""
+  """Example -> unpacked model features (tokenised here, one example at a time).
 
-  def __init__(self, tokenizer, lengths, arch, policy):
+  With an active `augmenter` (training only; called with an rng) the input side is augmented as
+  in pretraining (t5like.data.augment): text operations on the raw input (the task prefix is
+  kept intact), then token masking / deletion on its ids; the target is never changed.
+  """
+
+  def __init__(self, tokenizer, lengths, arch, policy, augmenter=None):
     self.tokenizer, self.lengths, self.arch, self.policy = tokenizer, dict(lengths), arch, policy
+    self.augmenter = augmenter
 
-  def __call__(self, ex: Example) -> dict[str, np.ndarray]:
-    out = fit_ids(self.tokenizer.encode(ex.input), self.tokenizer.encode(ex.target), self.lengths,
+  def _input_ids(self, ex: Example, rng) -> list[int]:
+    aug = self.augmenter
+    if rng is None or aug is None or not aug.active:
+      return self.tokenizer.encode(ex.input)
+    raw = ex.meta.get('raw_input', ex.input)
+    prefix = ex.input[:len(ex.input) - len(raw)] if ex.input.endswith(raw) else ''
+    text = aug.augment_text(raw, rng) if aug.text_active else raw
+    ids = aug.augment_tokens(np.asarray(self.tokenizer.encode(prefix + text), np.int32), rng,
+                             self.tokenizer.unk_id)
+    return [int(i) for i in ids] or self.tokenizer.encode(ex.input)
+
+  def __call__(self, ex: Example, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    out = fit_ids(self._input_ids(ex, rng), self.tokenizer.encode(ex.target), self.lengths,
                   self.arch, 'truncate')  # kept examples already fit under 'drop'
     return objectives.example_features(np.asarray(out[0]), np.asarray(out[1]), self.arch)
 
@@ -141,6 +159,8 @@ def make_task_datasets(tasks: Sequence[tuple[Task, float]], data_cfg, model_arch
   pi, pc, local_batch = pipeline_lib._process_shard(process_index, process_count,
                                                     data_cfg.batch_size)
   fn = EncodeExample(tokenizer, lengths, model_arch, length_policy)
+  augmenter = augment_lib.Augmenter.from_config(data_cfg)
+  train_fn = EncodeExample(tokenizer, lengths, model_arch, length_policy, augmenter)
   report: dict[str, Any] = {'lengths': lengths, 'length_policy': length_policy, 'counts': {}}
   datasets, weights = [], []
   for k, (task, rate) in enumerate(tasks):
@@ -152,7 +172,11 @@ def make_task_datasets(tasks: Sequence[tuple[Task, float]], data_cfg, model_arch
                       f'{pc} processes')
     ds = grain.MapDataset.source(train).slice(slice(pi, None, pc))
     ds = ds.shuffle(seed=pipeline_lib._derive_seed(seed, data_cfg.shuffle_seed, 11 + k))
-    datasets.append(ds.repeat(None).map(fn))
+    if augmenter.active:   # seeded per element index, so per epoch (as in pretraining)
+      datasets.append(ds.repeat(None).random_map(
+          train_fn, seed=pipeline_lib._derive_seed(seed, data_cfg.augment_seed, 21 + k)))
+    else:
+      datasets.append(ds.repeat(None).map(fn))
     weights.append(float(rate))
   ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
   n = data_cfg.num_workers

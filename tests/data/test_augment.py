@@ -97,3 +97,96 @@ def test_inactive_augmenter_is_identity_and_config_mapping():
   assert b.text_active and not b.token_active and b.reorder_window == 4
   with pytest.raises(ValueError, match='data.mask_prob'):
     aug.Augmenter(mask_prob=2.0)
+
+
+# ----------------------------------------------------------------------------- in the pipelines
+# Training batches with augmentation against the same batches without (same seeds, so the same
+# examples in the same order): the changes appear at the configured rates.
+
+import json  # noqa: E402
+
+from t5like.data import corpus as corpus_lib  # noqa: E402
+from t5like.data import objectives, pipeline, task_pipeline  # noqa: E402
+from t5like.data.tasks import Task  # noqa: E402
+from t5like.data.tasks.sources import FileSource  # noqa: E402
+
+
+def _batches(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_pretraining_batches_are_masked_at_the_configured_rate(tiny_corpus_dir, tiny_tokenizer):
+  docs = corpus_lib.load_documents(str(tiny_corpus_dir))
+  base = DataConfig(objective='causal_lm', inputs_length=32, batch_size=8)
+  lengths = pipeline.sequence_lengths(base, 'decoder')
+  n = objectives.chunk_length('causal_lm', 'decoder', lengths, 0.15, 3.0)
+  chunks = pipeline.make_chunks(docs, tiny_tokenizer, n)
+
+  def targets(cfg):
+    it = pipeline.make_train_iterator(chunks, cfg, 'decoder', tiny_tokenizer, seed=3)
+    return np.concatenate([b['decoder_target_tokens'] for b in _batches(it, 6)])
+
+  plain = targets(base)
+  assert len(np.unique(plain)) > 50          # the fixture varies
+  for p in (0.1, 0.4):
+    masked = targets(DataConfig(objective='causal_lm', inputs_length=32, batch_size=8,
+                                mask_prob=p))
+    real = (plain != 0) & (plain != tiny_tokenizer.eos_id) & (plain != tiny_tokenizer.unk_id)
+    changed = masked != plain
+    assert np.all(masked[changed] == tiny_tokenizer.unk_id)   # only masking happened
+    rate = changed[real].mean()
+    assert abs(rate - p) < _tol(p, real.sum()), (p, rate)
+
+
+@pytest.fixture(scope='module')
+def toy_task(tmp_path_factory):
+  path = tmp_path_factory.mktemp('task') / 'train.jsonl'
+  rows = [{'input': f'the knight of {i} rode to the castle and he was in a hurry. '
+                    f'It is {i} miles from the sea.',
+           'target': f'knight {i} castle'} for i in range(48)]
+  path.write_text('\n'.join(json.dumps(r) for r in rows) + '\n')
+  files = {'train': (str(path),), 'validation': (str(path),)}
+  return Task('toy', FileSource(files), prefix='fix: ')
+
+
+def _task_rows(task, tok, **probs):
+  cfg = DataConfig(inputs_length=96, targets_length=16, batch_size=8, pack=False, **probs)
+  it, _, _ = task_pipeline.make_task_datasets([(task, 1.0)], cfg, 'encdec', tok, seed=1)
+  bs = _batches(it, 6)
+  return (np.concatenate([b['encoder_input_tokens'] for b in bs]),
+          np.concatenate([b['decoder_target_tokens'] for b in bs]))
+
+
+def test_task_inputs_are_masked_at_the_configured_rate_targets_untouched(toy_task,
+                                                                         tiny_tokenizer):
+  enc0, tgt0 = _task_rows(toy_task, tiny_tokenizer)
+  assert len({tuple(r) for r in enc0}) > 20   # the fixture varies
+  p = 0.3
+  enc, tgt = _task_rows(toy_task, tiny_tokenizer, mask_prob=p)
+  np.testing.assert_array_equal(tgt, tgt0)
+  real = enc0 > 1
+  changed = enc != enc0
+  assert np.all(enc[changed] == tiny_tokenizer.unk_id)
+  rate = changed[real].mean()
+  assert abs(rate - p) < _tol(p, real.sum()), rate
+
+
+def test_task_inputs_reordered_and_perturbed_prefix_and_targets_kept(toy_task, tiny_tokenizer):
+  enc0, tgt0 = _task_rows(toy_task, tiny_tokenizer)
+  dec = lambda rows: [tiny_tokenizer.decode([int(t) for t in r if t > 1]) for r in rows]
+  plain = dec(enc0)
+  p = 0.5
+  enc, tgt = _task_rows(toy_task, tiny_tokenizer, drop_function_word_prob=p)
+  np.testing.assert_array_equal(tgt, tgt0)
+  text = dec(enc)
+  assert all(t.startswith('fix: ') for t in text)
+  fw = lambda s: sum(aug.is_function_word(w) for w in s.split()[1:])
+  before, after = sum(fw(s) for s in plain), sum(fw(s) for s in text)
+  assert abs((before - after) / before - p) < _tol(p, before), (before, after)
+  # Sentence reordering (two sentences a row, window 2): swapped in about reorder_prob of rows.
+  enc, tgt = _task_rows(toy_task, tiny_tokenizer, reorder_prob=p, reorder_window=2)
+  np.testing.assert_array_equal(tgt, tgt0)
+  swapped = [t != s for t, s in zip(dec(enc), plain)]
+  for t, s in zip(dec(enc), plain):
+    assert sorted(t[5:].split()) == sorted(s[5:].split())   # the same words, the prefix kept
+  assert abs(np.mean(swapped) - p) < _tol(p, len(swapped)), np.mean(swapped)
