@@ -28,6 +28,7 @@ import numpy as np
 
 from t5like.config import ConfigError, ModelConfig
 from t5like.models import quant, transformer
+from t5like.train import step as step_lib
 
 SCHEMES = quant.SCHEMES
 _SCALE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -39,11 +40,7 @@ def _model_args(cfg: ModelConfig, inputs):
   """(positional, keyword) model arguments from a T5X batch dict or a tuple of token arrays."""
   if not isinstance(inputs, Mapping):
     return tuple(inputs), {}
-  kw = {k: inputs[k] for k in ('decoder_segment_ids', 'decoder_positions') if k in inputs}
-  if cfg.is_encdec:
-    kw.update({k: inputs[k] for k in ('encoder_segment_ids', 'encoder_positions') if k in inputs})
-    return (inputs['encoder_input_tokens'], inputs['decoder_input_tokens']), kw
-  return (inputs['decoder_input_tokens'],), kw
+  return step_lib.model_args(cfg, inputs)
 
 
 def quantize_params(params, cfg: ModelConfig, scheme: str = 'int8', *, group_size: int | None = None,
