@@ -23,9 +23,10 @@ from pathlib import Path
 import jax
 
 HERE = Path(__file__).parent
-SOURCES = ('cpu_matmul.cc', 'decode_attention.cc', 'token_pick.cc')
+SOURCES = ('cpu_matmul.cc', 'cpu_matmul_q.cc', 'decode_attention.cc', 'token_pick.cc')
 HEADERS = ('parallel_for.h', 'vector_math.h')
-TARGETS = ('t5like_matmul_packed', 't5like_decode_attention', 't5like_decode_attention_cached',
+TARGETS = ('t5like_matmul_packed', 't5like_matmul_q8', 't5like_matmul_q4',
+           't5like_decode_attention', 't5like_decode_attention_cached',
            't5like_prefill_attention', 't5like_greedy_pick')
 _state: dict = {}
 

@@ -228,7 +228,7 @@ def test_disabled_or_failed_build_falls_back_to_xla(tmp_path):
       (FALLBACK, {'T5LIKE_CPU_KERNELS': '0'}),
       (FALLBACK, {'CXX': '/bin/false', 'T5LIKE_KERNEL_CACHE': str(tmp_path)})])
   assert 'T5LIKE_CPU_KERNELS=0' in off_out and 'DECODED (1, 3)' in off_out
-  assert 'failed on cpu_matmul.cc decode_attention.cc token_pick.cc' in bad_out
+  assert 'failed on cpu_matmul.cc cpu_matmul_q.cc decode_attention.cc token_pick.cc' in bad_out
   assert 'DECODED (1, 3)' in bad_out
   assert 'kernels unavailable' in bad_err             # the warning says what happened
   assert not list(tmp_path.glob('*.so'))              # nothing half-built left behind
