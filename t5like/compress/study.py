@@ -24,10 +24,12 @@ by the library's own transforms:
 Every training stage runs the trainer's `train_step` (t5like/train/step.py) with the technique's
 loss (cross-entropy, distillation) and optimizer wrapper (fixed masks), on the same task batches in
 the same order, for `finetune_steps` steps per stage. Each built variant is saved through
-`save_fn` (the server's bundle format, so that the server can load it) and recorded in
-`<out_dir>/results.json` with the time its technique took; a rerun skips what is recorded
-(measurements included), so an interrupted study resumes. Measurements (t5like/compress/
-study_measure.py) and the report and plots (study_report.py) follow.
+`save_fn` (the server's bundle format, so that the server can load it), scored on the test split
+at once, and recorded in `<out_dir>/results.json` with the time its technique took; a rerun skips
+what is recorded (measurements included), so an interrupted study resumes. With
+`build_budget_s`, building stops after that long (one variant of each family is built first) and
+the built ones go on to the speed measurements (t5like/compress/study_measure.py), serving and
+the report and plots (study_report.py); the rerun builds the rest and times everything again.
 """
 from __future__ import annotations
 
@@ -101,18 +103,19 @@ class StudyConfig:
   eval_batch_size: int = 8
   validation_batches: int = 8
   timing_rounds: int = 3
-  timing_new_tokens: int = 32
   n_bootstrap: int = 1000
   serve: bool = True
   serve_requests: int = 16
   serve_max_tokens: int = 32
   serve_prompt_len: int = 16
   only: tuple[str, ...] = ()            # only these variants (names or globs, e.g. 'prune_*')
+  build_budget_s: float = 0.0           # stop building new variants after this long (0: never);
+                                        # the rest measure and report; a rerun builds the others
   seed: int = 0
 
   def __post_init__(self):
     for f in ('teacher_steps', 'finetune_steps', 'batch_size', 'eval_batch_size',
-              'timing_rounds', 'timing_new_tokens', 'inputs_length', 'targets_length',
+              'timing_rounds', 'inputs_length', 'targets_length',
               'student_layer_stride', 'calibration_batches'):
       if getattr(self, f) <= 0:
         raise ConfigError(f'study.{f} must be positive, got {getattr(self, f)}')
@@ -410,34 +413,58 @@ class Study:
     rec = self.results['variants'].get(name, {})
     return 'technique_s' in rec or 'not_applicable' in rec
 
-  def build_all(self) -> None:
-    for i, v in enumerate(self.variants):
-      if self.built(v.name):
-        continue
-      if v.parent in self.by_name and 'not_applicable' in self.record(v.parent):
-        self.record(v.name)['not_applicable'] = f'its parent {v.parent} is not applicable'
-        continue
-      self.print(f'[{i + 1}/{len(self.variants)}] building {v.name} ({v.label})')
-      t0 = time.perf_counter()
-      out = getattr(self, f'_build_{v.technique}')(v)
-      rec = self.record(v.name)
-      if isinstance(out, str):
-        rec['not_applicable'] = out
-        self.print(f'    not applicable: {out}')
-        self.save()
-        continue
-      params, mcfg, info = out
-      rec.update(info)
-      rec['technique_s'] = time.perf_counter() - t0
-      parent = self.results['variants'].get(v.parent, {}) if v.name != 'teacher' else {}
-      rec['extra_steps'] = info.get('steps', 0) + parent.get('extra_steps', 0)
-      params = jax.tree.map(np.asarray, params)
-      if v.technique != 'dynamic':
-        self.save_fn(params, mcfg, self.tokenizer, self.bundle_dir(v.name),
-                     source=f'compress study: {v.label}', overwrite=True)
-      self.models[v.name] = (params, mcfg)
-      self.print(f'    built in {rec["technique_s"]:.0f}s')
+  def build_order(self) -> list[Variant]:
+    """The variants in build order: one of each family first (so that a run stopped by its
+    budget still covers every technique), then the rest; parents always before children."""
+    first = ('control', 'int8', 'int4', 'int8_dynamic_act', 'dynamic_ffn_50',
+             'prune_magnitude_50', 'prune_structured_50', 'prune_nm_2of4', 'prune_taylor_50',
+             'student_a_soft', 'share_layers', 'tie_embeddings', 'int4_qat',
+             'student_a_pruned_int8', 'student_a_int4_qat', 'prune_greedy_50', 'student_b_soft')
+    head = [self.by_name[n] for n in first if n in self.by_name]
+    return head + [v for v in self.variants if v not in head and v.name != 'teacher']
+
+  def build_all(self, t_start: float) -> None:
+    """Builds (and scores, right after) every variant not yet recorded, within the budget."""
+    self.measure_quality_of('teacher')
+    order = self.build_order()
+    budget = self.cfg.build_budget_s
+    for i, v in enumerate(order):
+      if budget and time.perf_counter() - t_start > budget:
+        left = [u.name for u in order[i:] if not self.built(u.name)]
+        self.results['not_built_within_budget'] = left
+        self.print(f'build budget of {budget:.0f}s spent; left for a rerun: {left}')
+        return
+      if not self.built(v.name):
+        self._build(v, i, len(order))
+      if 'technique_s' in self.record(v.name):
+        self.measure_quality_of(v.name)
+    self.results.pop('not_built_within_budget', None)
+
+  def _build(self, v: Variant, i: int, n: int) -> None:
+    if v.parent in self.by_name and 'not_applicable' in self.record(v.parent):
+      self.record(v.name)['not_applicable'] = f'its parent {v.parent} is not applicable'
+      return
+    self.print(f'[{i + 1}/{n}] building {v.name} ({v.label})')
+    t0 = time.perf_counter()
+    out = getattr(self, f'_build_{v.technique}')(v)
+    rec = self.record(v.name)
+    if isinstance(out, str):
+      rec['not_applicable'] = out
+      self.print(f'    not applicable: {out}')
       self.save()
+      return
+    params, mcfg, info = out
+    rec.update(info)
+    rec['technique_s'] = time.perf_counter() - t0
+    parent = self.results['variants'].get(v.parent, {})
+    rec['extra_steps'] = info.get('steps', 0) + parent.get('extra_steps', 0)
+    params = jax.tree.map(np.asarray, params)
+    if v.technique != 'dynamic':
+      self.save_fn(params, mcfg, self.tokenizer, self.bundle_dir(v.name),
+                   source=f'compress study: {v.label}', overwrite=True)
+    self.models[v.name] = (params, mcfg)
+    self.print(f'    built in {rec["technique_s"]:.0f}s')
+    self.save()
 
   def _ce_finetune(self, params, mcfg, *, wrap_tx=None, pack=True, loss=None, extra=None,
                    key=None):
@@ -572,47 +599,46 @@ class Study:
     """The built variants (not the inapplicable ones), in study order."""
     return [v.name for v in self.variants if 'technique_s' in self.results['variants'].get(v.name, {})]
 
-  def measure_quality(self) -> None:
+  def measure_quality_of(self, name: str) -> None:
+    """Test metrics (vs the teacher's predictions), validation loss and sizes of one variant."""
     c = self.cfg
-    examples = study_measure.test_examples(self.task, c.test_examples)
+    if not hasattr(self, '_examples'):
+      self._examples = study_measure.test_examples(self.task, c.test_examples)
+      self.batches()   # builds the validation batches
+      refs = [self.task.postprocess_text(e.target) for e in self._examples]
+      if 'copy' not in self.results.setdefault('baselines', {}):
+        copy = [self.task.postprocess_text(e.meta.get('raw_input', e.input))
+                for e in self._examples]
+        self.results['baselines']['copy'] = metrics_lib.with_confidence(
+            self.task.metrics, copy, refs, c.n_bootstrap)
     pred_dir = os.path.join(self.out_dir, 'predictions')
     os.makedirs(pred_dir, exist_ok=True)
+    path = os.path.join(pred_dir, f'{name}.jsonl')
+    rec = self.record(name)
+    if 'test' in rec and os.path.isfile(path):
+      return
     teacher_preds = None
-    self.batches()   # builds the validation batches
-    if 'copy' not in self.results.setdefault('baselines', {}):
-      copy = [self.task.postprocess_text(e.meta.get('raw_input', e.input)) for e in examples]
-      refs = [self.task.postprocess_text(e.target) for e in examples]
-      self.results['baselines']['copy'] = metrics_lib.with_confidence(self.task.metrics, copy,
-                                                                      refs, c.n_bootstrap)
-    for name in self.live():
-      rec = self.record(name)
-      path = os.path.join(pred_dir, f'{name}.jsonl')
-      if 'test' in rec and (name != 'teacher' or os.path.isfile(path)):
-        if name == 'teacher':
-          with open(path) as f:
-            teacher_preds = [json.loads(line)['prediction'] for line in f]
-        continue
-      self.print(f'  evaluating {name}')
-      params, mcfg = self.model(name)
-      r = self.runner(name)
-      q, preds = study_measure.quality(r, self.tokenizer, self.task, examples, self.lengths,
-                                       c.eval_batch_size, c.n_bootstrap,
-                                       None if name == 'teacher' else teacher_preds)
-      if name == 'teacher':
-        teacher_preds = preds
-      rec.update(q)
-      rec['validation_loss'] = r.validation_loss(self.eval_batches, c.validation_batches)
-      rec.update(study_measure.sizes(params))
-      rec['nonzero_params'] = nonzero_count(params)
-      rec['config'] = {k: getattr(mcfg, k) for k in ('num_heads', 'd_ff', 'num_encoder_layers',
-                                                     'num_decoder_layers', 'shared_layer_groups',
-                                                     'tie_embeddings')}
-      rec['config']['quant'] = dataclasses.asdict(mcfg.quant)
-      with open(path, 'w', encoding='utf-8') as f:
-        for e, p in zip(examples, preds):
-          f.write(json.dumps({'input': e.input, 'target': e.target, 'prediction': p},
-                             ensure_ascii=False) + '\n')
-      self.save()
+    if name != 'teacher':
+      with open(os.path.join(pred_dir, 'teacher.jsonl'), encoding='utf-8') as f:
+        teacher_preds = [json.loads(line)['prediction'] for line in f]
+    self.print(f'    scoring {name} on {len(self._examples)} test pairs')
+    params, mcfg = self.model(name)
+    r = self.runner(name)
+    q, preds = study_measure.quality(r, self.tokenizer, self.task, self._examples, self.lengths,
+                                     c.eval_batch_size, c.n_bootstrap, teacher_preds)
+    rec.update(q)
+    rec['validation_loss'] = r.validation_loss(self.eval_batches, c.validation_batches)
+    rec.update(study_measure.sizes(params))
+    rec['nonzero_params'] = nonzero_count(params)
+    rec['config'] = {k: getattr(mcfg, k) for k in ('num_heads', 'd_ff', 'num_encoder_layers',
+                                                   'num_decoder_layers', 'shared_layer_groups',
+                                                   'tie_embeddings')}
+    rec['config']['quant'] = dataclasses.asdict(mcfg.quant)
+    with open(path, 'w', encoding='utf-8') as f:
+      for e, p in zip(self._examples, preds):
+        f.write(json.dumps({'input': e.input, 'target': e.target, 'prediction': p},
+                           ensure_ascii=False) + '\n')
+    self.save()
 
   def measure_speed(self) -> None:
     names = self.live()
@@ -624,11 +650,11 @@ class Study:
                                   self.lengths['encoder'], 'timing inputs')
     self.print(f'  timing {len(names)} variants alternately ({c.timing_rounds} rounds)')
     load = os.getloadavg()
-    out = study_measure.speed([self.runner(n) for n in names], rows, c.timing_new_tokens,
+    out = study_measure.speed([self.runner(n) for n in names], rows, self.lengths['decoder'],
                               c.timing_rounds, print_fn=self.print)
     for n, v in out.items():
       self.record(n).update(v)
-    self.results['timing'] = {'new_tokens': c.timing_new_tokens, 'rounds': c.timing_rounds,
+    self.results['timing'] = {'new_tokens': self.lengths['decoder'], 'rounds': c.timing_rounds,
                               'input_length': self.lengths['encoder'],
                               'load_average_before': list(load),
                               'load_average_after': list(os.getloadavg())}
@@ -646,12 +672,15 @@ class Study:
     c = self.cfg
     self.print(f'  serving {len(names)} bundles from one server, load-testing {len(todo)}')
     load = os.getloadavg()
-    res = study_measure.serve_and_load_test(
+    self.results['serving'] = {'requests': c.serve_requests}
+
+    def on_result(name, res):
+      self.record(name)['served'] = res
+      self.save()
+    study_measure.serve_and_load_test(
         self.bundles, names, load_test_script, os.path.join(self.out_dir, 'load_test'),
         requests=c.serve_requests, max_tokens=c.serve_max_tokens, prompt_len=c.serve_prompt_len,
-        print_fn=self.print)
-    for n in todo:
-      self.record(n)['served'] = res.get(n, {'error': 'no result'})
+        on_result=on_result, test_names=todo, print_fn=self.print)
     self.results['serving'] = {'requests': c.serve_requests, 'max_tokens': c.serve_max_tokens,
                                'prompt_len': c.serve_prompt_len, 'models_loaded': len(names),
                                'load_average_before': list(load),
@@ -665,9 +694,7 @@ class Study:
     self.results['jax'] = {'backend': jax.default_backend(), 'devices': jax.device_count(),
                            'cpu_count': os.cpu_count()}
     self.setup()
-    self.build_all()
-    self.print('measuring quality on the test split')
-    self.measure_quality()
+    self.build_all(t0)
     self.print('measuring decoding speed')
     self.measure_speed()
     if self.cfg.serve and load_test_script:

@@ -4,11 +4,12 @@
   (`StudyConfig.test_examples` pairs evenly spaced over it, the same for every variant), with 95%
   bootstrap intervals and a paired bootstrap test against the teacher's predictions; the
   validation loss (token cross-entropy over the first `validation_batches` validation batches).
-- `speed`: greedy decoding tokens/s at batch 1 and 8 (`timing_new_tokens` new tokens, no stop at
+- `speed`: greedy decoding tokens/s at batch 1 and 8 (the decoder length in new tokens, no stop at
   EOS, so every call makes the same number of tokens), every variant compiled first, then timed
   in `timing_rounds` rounds that alternate the variants (the order rotated each round): load on a
-  shared machine hits them all alike. Reported: the median per call. Peak memory is XLA's own
-  account of the batch-8 decoding program (arguments + outputs + temporaries - aliased).
+  shared machine hits them all alike. Reported: the median per call. The new tokens are the task's
+  decoder length, so batch 8 runs the very program the test scoring compiled. Peak memory is XLA's
+  own account of the batch-1 decoding program (arguments + outputs + temporaries - aliased).
 - `serve`: one server process over all the variants' bundles, the load test against each at 1
   and 16 clients.
 
@@ -85,7 +86,10 @@ class Runner:
       n = len(chunk)
       if n < batch_size:
         chunk = np.concatenate([chunk, np.zeros((batch_size - n, S), np.int32)])
-      tokens = np.asarray(jax.device_get(self.greedy(jnp.asarray(chunk), T).tokens))[:n]
+      # No stop at EOS: the same program the batch-8 timing runs (one compile); the text ends
+      # at the first EOS either way.
+      tokens = np.asarray(jax.device_get(
+          self.greedy(jnp.asarray(chunk), T, stop_at_eos=False).tokens))[:n]
       for row in tokens.tolist():
         if tokenizer.eos_id in row:
           row = row[:row.index(tokenizer.eos_id)]
@@ -143,23 +147,25 @@ def quality(runner: Runner, tokenizer, task, examples, lengths, batch_size: int,
 
 def speed(runners: list[Runner], inputs_BS: np.ndarray, new_tokens: int, rounds: int,
           print_fn=print) -> dict[str, dict]:
-  """{name: {'tokens_per_s_b1', 'tokens_per_s_b8', 'peak_bytes_b8', ...}}, timed alternately."""
-  shapes = {1: jnp.asarray(inputs_BS[:1]), 8: jnp.asarray(inputs_BS[:8])}
+  """{name: {'tokens_per_s_b1', 'tokens_per_s_b8', 'peak_bytes_b1', ...}}, timed alternately."""
+  x1, x8 = jnp.asarray(inputs_BS[:1]), jnp.asarray(inputs_BS[:8])
   out = {r.name: {} for r in runners}
-  exes = {}
+  calls = {}
   for r in runners:   # compile everything first
-    for b, x in shapes.items():
-      exes[(r.name, b)] = exe = r.compile(x, new_tokens)
-      jax.block_until_ready(exe(r.params, x))
-    out[r.name]['peak_bytes_b8'] = peak_bytes(exes[(r.name, 8)])
-  times = {(r.name, b): [] for r in runners for b in shapes}
+    exe = r.compile(x1, new_tokens)
+    out[r.name]['peak_bytes_b1'] = peak_bytes(exe)
+    # batch 8: the program the test-set scoring compiled (same shapes and options)
+    calls[(r.name, 1)] = functools.partial(exe, r.params, x1)
+    calls[(r.name, 8)] = functools.partial(r.greedy, x8, new_tokens, stop_at_eos=False)
+    for b in (1, 8):
+      jax.block_until_ready(calls[(r.name, b)]())
+  times = {k: [] for k in calls}
   for k in range(rounds):
     order = runners[k % len(runners):] + runners[:k % len(runners)]
     for r in order:
-      for b, x in shapes.items():
-        exe = exes[(r.name, b)]
+      for b in (1, 8):
         t0 = time.perf_counter()
-        jax.block_until_ready(exe(r.params, x))
+        jax.block_until_ready(calls[(r.name, b)]())
         times[(r.name, b)].append(time.perf_counter() - t0)
     print_fn(f'  timing round {k + 1}/{rounds} done')
   for (name, b), ts in times.items():
@@ -187,8 +193,10 @@ def _ready(url: str) -> bool:
 
 def serve_and_load_test(bundles_dir: str, names: list[str], load_test_script: str, out_dir: str,
                         *, requests: int, max_tokens: int, prompt_len: int,
-                        startup_timeout_s: float = 1800, print_fn=print) -> dict[str, dict]:
-  """One server over `bundles_dir` serving `names`; the load test (1 and 16 clients) on each.
+                        startup_timeout_s: float = 1800, on_result=None, test_names=None,
+                        print_fn=print) -> dict[str, dict]:
+  """One server over `bundles_dir` serving `names`; the load test (1 and 16 clients, greedy
+  tokens/s reported; its sampled levels run too and count in `failed`) on each.
   {name: {'tokens_per_s_c1', 'tokens_per_s_c16', 'failed', 'ok', 'file'}} (or {'error'})."""
   os.makedirs(out_dir, exist_ok=True)
   port = _free_port()
@@ -210,23 +218,32 @@ def serve_and_load_test(bundles_dir: str, names: list[str], load_test_script: st
           raise RuntimeError(f'the server was not ready within {startup_timeout_s:.0f}s')
         time.sleep(1.0)
       print_fn(f'  server ready with {len(names)} models after {time.time() - t0:.0f}s')
-      for name in names:
+      for name in (names if test_names is None else test_names):
         path = os.path.join(out_dir, f'{name}.json')
         run = subprocess.run([sys.executable, load_test_script, f'--url={url}', f'--model={name}',
                               '--concurrency=1,16', f'--num_requests={requests}',
                               f'--max_tokens={max_tokens}', f'--prompt_len={prompt_len}',
-                              f'--out={path}'], capture_output=True, text=True)
+                              f'--probe_requests={requests}', f'--out={path}'],
+                             capture_output=True, text=True)
         if run.returncode != 0 or not os.path.isfile(path):
           results[name] = {'error': (run.stderr or run.stdout)[-500:]}
+          if on_result:
+            on_result(name, results[name])
           continue
         with open(path) as f:
           rep = json.load(f)
-        by_c = {lv['concurrency']: lv for lv in rep['levels']}
+        levels = rep['levels']
+        greedy = levels['greedy'] if isinstance(levels, dict) else levels
+        every = [lv for group in (levels.values() if isinstance(levels, dict) else [levels])
+                 for lv in group]
+        by_c = {lv['concurrency']: lv for lv in greedy}
         results[name] = {'tokens_per_s_c1': by_c[1]['output_tokens_per_s'],
                          'tokens_per_s_c16': by_c[16]['output_tokens_per_s'],
-                         'failed': sum(lv['failed'] for lv in rep['levels']),
-                         'metrics_match': all(lv['metrics_check']['match'] for lv in rep['levels']),
+                         'failed': sum(lv['failed'] for lv in every),
+                         'metrics_match': all(lv['metrics_check']['match'] for lv in every),
                          'file': os.path.basename(path)}
+        if on_result:
+          on_result(name, results[name])
         print_fn(f'  load test {name}: {results[name]["tokens_per_s_c1"]:.0f} / '
                  f'{results[name]["tokens_per_s_c16"]:.0f} tokens/s at 1 / 16 clients, '
                  f'{results[name]["failed"]} failed')

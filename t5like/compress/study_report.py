@@ -29,8 +29,8 @@ def add_derived(results: dict) -> None:
   for rec in results['variants'].values():
     if 'weight_bytes' in rec:
       rec['weight_mib'] = rec['weight_bytes'] / MIB
-    if rec.get('peak_bytes_b8') is not None:
-      rec['peak_mib_b8'] = rec['peak_bytes_b8'] / MIB
+    if rec.get('peak_bytes_b1') is not None:
+      rec['peak_mib_b1'] = rec['peak_bytes_b1'] / MIB
 
 
 def rows(results: dict) -> list[tuple[int, str, dict]]:
@@ -145,7 +145,7 @@ def _delta(rec, m, fmt='+.1f'):
 
 def table_md(results: dict) -> str:
   lines = ['| # | variant | params | weight MiB | chrF [95% CI] | Δ chrF (p) | BLEU [95% CI] | '
-           'Δ BLEU (p) | exact match % [95% CI] | val loss | tok/s b1 | tok/s b8 | peak MiB b8 | '
+           'Δ BLEU (p) | exact match % [95% CI] | val loss | tok/s b1 | tok/s b8 | peak MiB b1 | '
            'technique s | extra steps | served tok/s 1 / 16 clients |',
            '|' + '---|' * 16]
   for n, name, rec in rows(results):
@@ -157,7 +157,7 @@ def table_md(results: dict) -> str:
         f'{_ci(rec, "chrf")} | {_delta(rec, "chrf")} | {_ci(rec, "bleu")} | '
         f'{_delta(rec, "bleu")} | {_ci(rec, "exact_match")} | '
         f'{_f(rec.get("validation_loss"), ".3f")} | {_f(rec.get("tokens_per_s_b1"), ".0f")} | '
-        f'{_f(rec.get("tokens_per_s_b8"), ".0f")} | {_f(rec.get("peak_mib_b8"), ".2f")} | '
+        f'{_f(rec.get("tokens_per_s_b8"), ".0f")} | {_f(rec.get("peak_mib_b1"), ".2f")} | '
         f'{_f(rec.get("technique_s"), ".0f")} | {rec.get("extra_steps", 0)} | {srv} |')
   return '\n'.join(lines)
 
@@ -192,7 +192,7 @@ def write(results: dict, out_dir: str, metrics=('bleu', 'chrf', 'exact_match')) 
         f'{cfg.get("finetune_steps")} steps, batch {cfg.get("batch_size")}). tok/s: greedy '
         f'decoding of {timing.get("new_tokens")} new tokens from {timing.get("input_length")}-'
         f'token inputs, median of {timing.get("rounds")} alternating rounds. Peak MiB: XLA\'s '
-        'account of the batch-8 decoding program. Served: one server loading every bundle, '
+        'account of the batch-1 decoding program. Served: one server loading every bundle, '
         f'`scripts/load_test.py` per model ({results.get("serving", {}).get("requests", "—")} '
         'requests a level).', '',
         table_md(results), '',

@@ -47,7 +47,7 @@ def _config(root, teacher, **kw):
       task='toy', task_files=(str(root / 'tasks.json'),), teacher=teacher, teacher_step='latest',
       batch_size=8, inputs_length=32, targets_length=32, finetune_steps=2,
       calibration_batches=1, test_examples=12, eval_batch_size=4, validation_batches=1,
-      timing_rounds=1, timing_new_tokens=4, n_bootstrap=20, serve=False, **kw)
+      timing_rounds=1, n_bootstrap=20, serve=False, **kw)
 
 
 def _numbers(text):
