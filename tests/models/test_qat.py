@@ -22,7 +22,7 @@ from t5like.models import build_model, quant
 def _cfg(qat: str):
   # Untied head: the embedding lookup stays float in QAT; every projection (lm_head included)
   # is a FakeQuantEinsum.
-  return get_variant('t5_1_1_tiny', qat=qat, weight_quant_group_size=32)
+  return get_variant('t5_1_1_tiny').with_quant(qat=qat, group_size=32)
 
 
 @pytest.fixture(scope='module')
@@ -49,7 +49,7 @@ def fake_quantised(boxed, scheme: str):
     inner = names[1:] if stacked else names
     contract = 2 if inner[:2] == ('heads', 'kv') else 1   # attention 'out': [N, H, D]
     def fq(k):   # quantise-dequantise with the stored-weight functions, not the QAT layer's
-      q, s = quant.quantize_kernel(k, contract, scheme, qcfg.weight_quant_group_size)
+      q, s = quant.quantize_kernel(k, contract, scheme, qcfg.quant.group_size)
       return quant.dequantize_kernel(q, s, k.shape, contract, scheme)
     return jax.vmap(fq)(w) if stacked else fq(w)
 
