@@ -25,6 +25,13 @@ def _within(a, b):
   return abs(a[0] - b[0]) <= a[1] + b[1]
 
 
+def _ties(opt: dict, n: str) -> str:
+  """The other optimisers whose mean test loss is within the seed spreads of n's ('-': none)."""
+  me = (opt[n]['test_mean'], opt[n]['test_std'])
+  t = [m for m in opt if m != n and _within(me, (opt[m]['test_mean'], opt[m]['test_std']))]
+  return ', '.join(t) or '-'
+
+
 def markdown(d: dict, xcfg) -> str:
   runs = d['runs']
   tr = xcfg.train
@@ -58,11 +65,11 @@ def markdown(d: dict, xcfg) -> str:
     order = sorted(opt, key=lambda n: opt[n]['test_mean'])
     best = (opt[order[0]]['test_mean'], opt[order[0]]['test_std'])
     out += ['', '## 2. Optimisers at the chosen rate (test loss, mean ± std over seeds)', '',
-            '| rank | optimiser | rate | test loss | per seed | validation loss | within spread '
-            'of the first |', '|---|---|---|---|---|---|---|']
+            '| rank | optimiser | rate | test loss | per seed | validation loss | within seed '
+            'spread of |', '|---|---|---|---|---|---|---|']
     for i, n in enumerate(order):
       o = opt[n]
-      w = 'yes' if i and _within(best, (o['test_mean'], o['test_std'])) else ('-' if not i else 'no')
+      w = _ties(opt, n)
       out.append(f'| {i + 1} | {n} | {o["learning_rate"]:g} | {_pm(o["test_mean"], o["test_std"])}'
                  f' | {", ".join(f"{t:.4f}" for t in o["test"])} | '
                  f'{_pm(o["val_mean"], o["val_std"])} | {w} |')
@@ -256,11 +263,84 @@ def plots(d: dict, results: str) -> list[str]:
   return paths
 
 
+def readme(d: dict, xcfg) -> str:
+  """The compact summary quoted in README.md (written to fair_readme.md)."""
+  runs, tr = d['runs'], xcfg.train
+  walls = d.get('phase_wall_s', {})
+  opt = d['optimizers']
+  order = sorted(opt, key=lambda n: opt[n]['test_mean'])
+  out = [f'**Optimisers, schedules, augmentation, precision** (`{COMMAND}`, config '
+         '`experiments/configs/fair.py`; raw output `experiments/results/fair/fair.json`, all '
+         f'tables in `fair.md`, plots `fair_*.png`; {sum(walls.values()) / 60:.0f} min on this '
+         f'2-core CPU shared with other jobs). {tr.model.name}, Shakespeare span corruption, batch '
+         f'{tr.data.batch_size} x {tr.data.inputs_length}, {tr.num_steps} steps. Every optimiser '
+         f'got the same budget: {xcfg.grid_points} learning rates half a decade apart around its '
+         'literature value, widened by one rate while the best sat at an edge (every best ended '
+         'interior), chosen on the validation plays, reported on two other held-out plays, two '
+         'seeds (mean ± std).', '',
+         '| optimiser | rates tried | chosen | test loss | within seed spread of |',
+         '|---|---|---|---|---|']
+  for i, n in enumerate(order):
+    o, s = opt[n], d['sweep'][n]
+    w = _ties(opt, n)
+    out.append(f'| {n} | {s["grid"][0]:g} .. {s["grid"][-1]:g} ({len(s["grid"])}) | '
+               f'{o["learning_rate"]:g} | {_pm(o["test_mean"], o["test_std"])} | {w} |')
+  sch = d.get('schedules', {})
+  names = sorted({r['optimizer'] for r in sch.values()}, key=order.index)
+  if sch:
+    scheds = [r['schedule'] for r in sch.values() if r['optimizer'] == names[0]]
+    out += ['', 'Schedules at the tuned rate of the best two (test loss, two seeds; "~" marks a '
+            'gap to cosine within the seeds\' spread):', '',
+            '| schedule | ' + ' | '.join(names) + ' | how often it acted |',
+            '|---|' + '---|' * len(names) + '---|']
+    for sc in scheds:
+      cells, acted = [], []
+      for n in names:
+        r, c = sch[f'{n}/{sc}'], sch[f'{n}/cosine']
+        tilde = ' ~' if sc != 'cosine' and _within((r['test_mean'], r['test_std']),
+                                                    (c['test_mean'], c['test_std'])) else ''
+        cells.append(_pm(r['test_mean'], r['test_std']) + tilde)
+        if sc == 'plateau':
+          acted.append(f'{n}: {sum(r["plateau_reductions"])} lr reductions in '
+                       f'{len(r["plateau_reductions"])} runs')
+        elif sc == 'grad_stats':
+          acted.append(f'{n}: mean scale '
+                       f'{np.mean([g["mean"] for g in r["grad_scale"]]):.2f}, '
+                       f'{sum(r["skipped_steps"])} skipped')
+      out.append(f'| {sc} | ' + ' | '.join(cells) + f' | {"; ".join(acted)} |')
+  if 'folio' in d:
+    out += ['', 'folio_modernize (trained from scratch, chrF on the test plays with 95% bootstrap '
+            'CIs):', '', '| run | test chrF | validation loss |', '|---|---|---|']
+    for n, name in d['folio'].items():
+      r = runs[name]
+      out.append(f'| {n}, lr {r["learning_rate"]:g} | {_ci(r)} | {r["final_val_loss"]:.4f} |')
+    out.append(f'| copy baseline | {runs[next(iter(d["folio"].values()))]["copy_baseline"]["chrf"]:.2f}'
+               ' | |')
+  if 'augment' in d:
+    a = d['augment']
+    for aug, names_ in sorted(a['runs'].items(), key=lambda kv: kv[0] != 'none'):
+      c = [runs[x]['test_metrics']['chrf'] for x in names_]
+      out.append(f'| {a["optimizer"]}, augmentation {aug} | '
+                 + '; '.join(_ci(runs[x]) for x in names_) + f' (mean {np.mean(c):.2f}) | '
+                 + ', '.join(f'{runs[x]["final_val_loss"]:.4f}' for x in names_) + ' |')
+  if 'precision' in d:
+    p = d['precision']
+    t = d[p['timing']]
+    for pol, name in p['runs'].items():
+      r = runs[name]
+      out.append(f'| {p["optimizer"]}, {pol} ({t[pol]["median_s_per_step"] / t["f32"]["median_s_per_step"]:.2f}x '
+                 f'f32 s/step) | {_ci(r)} | {r["final_val_loss"]:.4f} |')
+  return '\n'.join(out) + '\n'
+
+
 def write(d: dict, results: str, xcfg) -> None:
   os.makedirs(results, exist_ok=True)
   md = markdown(d, xcfg)
   with open(os.path.join(results, 'fair.md'), 'w') as f:
     f.write(md)
+  if 'optimizers' in d and 'sweep' in d:
+    with open(os.path.join(results, 'fair_readme.md'), 'w') as f:
+      f.write(readme(d, xcfg))
   for p in plots(d, results):
     print('wrote', p)
   print(md)
