@@ -18,11 +18,14 @@ layer modules; stacked params and caches go through the model's scan untouched.
 
 `XlaBackend` is that alone. `CpuKernelBackend` adds the hand-written CPU kernels of
 t5like/kernels: `prepare` packs the weights a step multiplies by into panels
-(`cpu_matmul.PackedKernel`), and the interceptor replaces `Einsum`s with packed kernels (unpacked
-for XLA where the kernel does not apply, e.g. too many rows), the fused q/k/v and wi_0/wi_1
-calls, one-query attention over the cache (with the cache write fused in for self-attention),
-the encoder's attention, and the greedy pick. `get_backend('auto', cfg)` picks it only on a CPU
-backend for a float32 model with float weights; on GPU / TPU nothing is built or probed. Without
+(`cpu_matmul.PackedKernel`; stored int8 / int4 weights of a quantised model as
+`cpu_matmul.PackedQuantKernel`, dequantised in registers), and the interceptor replaces `Einsum`s
+and `QuantEinsum`s (and a quantised tied embedding's lookup and output layer) with packed kernels
+(unpacked for XLA where the kernel does not apply, e.g. too many rows), the fused q/k/v and
+wi_0/wi_1 calls, one-query attention over the cache (with the cache write fused in for
+self-attention), the encoder's attention, and the greedy pick. `get_backend('auto', cfg)` picks
+it only on a CPU backend for a float32 model with float or weight-only int8 / int4 weights
+(`kernel_obstacle`); on GPU / TPU nothing is built or probed. Without
 a C++ compiler the library logs one warning and 'auto' / 'cpu_kernels' run the XLA backend.
 """
 from __future__ import annotations
@@ -41,6 +44,7 @@ from t5like.kernels import cpu_matmul, decode_attention, library, token_pick
 from t5like.models import build_model, init_cache
 from t5like.models.attention import Attention
 from t5like.models.layers import MLP, Einsum, Embed, policy_of, project, tied_logits
+from t5like.models.quant import QuantEinsum, QuantEmbed, dequantize_kernel, table_rows
 from t5like.models.transformer import LayerStack
 
 BACKENDS = ('auto', 'xla', 'cpu_kernels')
@@ -82,7 +86,7 @@ def prompt_lengths(prompts_BP):
 
 
 def _is_packed(x) -> bool:
-  return isinstance(x, cpu_matmul.PackedKernel)
+  return isinstance(x, (cpu_matmul.PackedKernel, cpu_matmul.PackedQuantKernel))
 
 
 def _per_layer_params(stack: LayerStack):
@@ -149,15 +153,22 @@ def _packed(module: nn.Module, name: str):
 
 def _fused(module: nn.Module, names, x):
   """[x @ child `name`'s kernel for each name] as one kernel call when all are packed (one
-  contracted dim) and the kernel applies here; else None."""
+  contracted dim; float, or quantised with one scheme) and the kernel applies here; else None."""
   params = module.variables.get('params', {})
   kernels = [params.get(name, {}).get('kernel') for name in names]
+  matmul, wanted = cpu_matmul.matmul_fused, cpu_matmul.wanted
+  if all(isinstance(params.get(name, {}).get('qkernel'), cpu_matmul.PackedQuantKernel)
+         for name in names):
+    kernels = [params[name]['qkernel'] for name in names]
+    if len({k.scheme for k in kernels}) != 1:
+      return None
+    matmul, wanted = cpu_matmul.matmul_quant_fused, cpu_matmul.quant_wanted
   if not all(_is_packed(k) and not k.transposed for k in kernels):
     return None
   x_flat = x.reshape(-1, x.shape[-1])
-  if not all(k.k == x.shape[-1] for k in kernels) or not cpu_matmul.wanted(x_flat, kernels[0]):
+  if not all(k.k == x.shape[-1] for k in kernels) or not wanted(x_flat, kernels[0]):
     return None
-  outs = cpu_matmul.matmul_fused(x_flat, kernels)
+  outs = matmul(x_flat, kernels)   # stored int4 [C/2, O...]: output dims still trail
   return tuple(y.reshape(x.shape[:-1] + k.shape[1:]) for y, k in zip(outs, kernels))
 
 
@@ -187,6 +198,47 @@ def _embed_attend(mod: Embed, next_fun, x_BTD):
   if cpu_matmul.wanted(x_BTD, w):
     return cpu_matmul.matmul(x_BTD, w)
   return tied_logits(mod.cfg, x_BTD, w.unpacked())
+
+
+def _quant_einsum(mod: QuantEinsum, next_fun, x):
+  params = mod.variables.get('params', {})
+  w = params.get('qkernel')
+  if not isinstance(w, cpu_matmul.PackedQuantKernel):
+    return next_fun(x)
+  c = mod.contract_dims
+  lead = x.shape[:-c]
+  x_flat = x.reshape(lead + (-1,))
+  if cpu_matmul.quant_wanted(x_flat, w):
+    return cpu_matmul.matmul_quant(x_flat, w).reshape(lead + tuple(mod.kernel_shape[c:]))
+  # Too many rows for the kernel (a long prompt): the dequantised kernel through XLA.
+  kernel = dequantize_kernel(w.unpacked(), params['qscale'], mod.kernel_shape, c, w.scheme)
+  return project(mod, x, kernel)
+
+
+def _quant_table(mod: QuantEmbed):
+  """(packed table, stored scales) of a QuantEmbed, or None when the table is not packed."""
+  table = mod.variables.get('params', {}).get('quant', {})
+  w = table.get('qembedding')
+  return (w, table['qscale']) if isinstance(w, cpu_matmul.PackedQuantKernel) else None
+
+
+def _quant_embed_lookup(mod: QuantEmbed, next_fun, ids_BT):
+  packed = _quant_table(mod)
+  if packed is None:
+    return next_fun(ids_BT)
+  w, scale = packed
+  rows = table_rows(w.scheme, w.stored_rows(ids_BT), jnp.take(scale, ids_BT, axis=0))
+  return rows.astype(policy_of(mod.cfg).compute_dtype)
+
+
+def _quant_embed_attend(mod: QuantEmbed, next_fun, x_BTD):
+  packed = _quant_table(mod)
+  if packed is None:
+    return next_fun(x_BTD)
+  w, scale = packed
+  if cpu_matmul.quant_wanted(x_BTD, w):
+    return cpu_matmul.matmul_quant(x_BTD, w)
+  return tied_logits(mod.cfg, x_BTD, table_rows(w.scheme, w.unpacked(), scale))
 
 
 def _gate_and_up(mod: MLP, next_fun, x_BTD):
@@ -230,20 +282,36 @@ _STEP_PROJECTIONS = {'query': 1, 'key': 1, 'value': 1, 'out': 2, 'wi': 1, 'wi_0'
 
 def pack_step_weights(cfg: ModelConfig, params):
   """`params` with the decoder's per-step projection kernels and its output layer (a tied
-  embedding, or lm_head) packed (`cpu_matmul.PackedKernel`) where `cpu_matmul.packable`."""
+  embedding, or lm_head) packed (`cpu_matmul.PackedKernel`) where `cpu_matmul.packable`; stored
+  int8 / int4 weights (`qkernel`, `qembedding`) as `cpu_matmul.PackedQuantKernel` with their
+  scales (the stored `qscale` stays beside them, for the odd call that cannot use the kernel)."""
+  scheme = cfg.quant.weights
+
   def visit(tree, path):
     out = {}
     for name, sub in tree.items():
       here = path + (name,)
       if isinstance(sub, dict):
         out[name] = visit(sub, here)
-      elif name == 'kernel' and path[-1] in _STEP_PROJECTIONS and cpu_matmul.packable(sub):
+      elif (name == 'qkernel' and path[-1] in _STEP_PROJECTIONS and 'qscale' in tree
+            and cpu_matmul.quant_packable(sub)):
+        once = len(path) > 1 and path[-2] == 'cross_attention' and path[-1] in ('key', 'value')
+        dims = _STEP_PROJECTIONS[path[-1]] if scheme == 'int8' else 1   # int4: [C/2, O...]
+        columns = int(np.prod(sub.shape[dims:]))
+        out[name] = (sub if once or columns % cpu_matmul.PANEL else
+                     cpu_matmul.pack_quant(sub, tree['qscale'], scheme, dims))
+      elif (name == 'qembedding' and path == ('shared_embedding', 'quant') and cfg.tie_embeddings
+            and cpu_matmul.quant_packable(sub) and sub.shape[0] % cpu_matmul.PANEL == 0):
+        out[name] = cpu_matmul.pack_quant(sub, tree['qscale'], scheme, transposed=True)
+      elif (name == 'kernel' and path[-1] in _STEP_PROJECTIONS and scheme == 'none'
+            and cpu_matmul.packable(sub)):
         once = len(path) > 1 and path[-2] == 'cross_attention' and path[-1] in ('key', 'value')
         dims = _STEP_PROJECTIONS[path[-1]]
         columns = int(np.prod(sub.shape[dims:]))
         out[name] = sub if once or columns % cpu_matmul.PANEL else cpu_matmul.pack(sub, dims)
       elif (name == 'embedding' and path == ('shared_embedding',) and cfg.tie_embeddings
-            and cpu_matmul.packable(sub) and sub.shape[0] % cpu_matmul.PANEL == 0):
+            and scheme == 'none' and cpu_matmul.packable(sub)
+            and sub.shape[0] % cpu_matmul.PANEL == 0):
         out[name] = cpu_matmul.pack(sub, transposed=True)
       else:
         out[name] = sub
@@ -257,12 +325,17 @@ def pack_step_weights(cfg: ModelConfig, params):
 
 
 def kernel_obstacle(cfg: ModelConfig) -> str | None:
-  """Why the CPU kernels cannot run this model (None if they can): they take float32."""
+  """Why the CPU kernels cannot run this model (None if they can): they compute in float32, with
+  float32 or stored int8 / int4 weights and float activations."""
   q = []
   if precision.get_policy(cfg.precision).compute_dtype != jnp.float32:
     q.append(f'model.precision={cfg.precision!r} (the kernels compute in float32)')
-  if cfg.quant.active:
-    q.append(f'model.quant={cfg.quant} (the kernels take float weights and activations)')
+  if cfg.quant.activations != 'none' or cfg.quant.qat != 'none':
+    q.append(f'model.quant={cfg.quant} (the kernels take float activations and stored, not '
+             'fake-quantised, weights)')
+  elif cfg.quant.weights not in ('none',) + cpu_matmul.QUANT_SCHEMES:
+    q.append(f'model.quant.weights={cfg.quant.weights!r} (the kernels take float32, int8 or int4 '
+             'weights)')
   return '; '.join(q) or None
 
 
@@ -345,7 +418,10 @@ class CpuKernelBackend(XlaBackend):
             (Embed, 'attend'): _embed_attend, (MLP, 'gate_and_up'): _gate_and_up,
             (Attention, 'qkv'): _qkv, (Attention, 'attend'): _attend,
             (Attention, 'attend_cached'): _attend_cached,
-            (Attention, 'attend_cache'): _attend_cache}
+            (Attention, 'attend_cache'): _attend_cache,
+            (QuantEinsum, '__call__'): _quant_einsum,
+            (QuantEmbed, '__call__'): _quant_embed_lookup,
+            (QuantEmbed, 'attend'): _quant_embed_attend}
 
   def prepare(self, cfg: ModelConfig, params):
     """Per-layer weights; those a decoding step multiplies by packed for the few-row kernel
@@ -372,8 +448,9 @@ def get_backend(backend: str | XlaBackend, cfg: ModelConfig) -> XlaBackend:
   """The backend for `backend` ('auto', 'xla', 'cpu_kernels' or a backend object) and model.
 
   'auto' is 'cpu_kernels' where jax's default backend is the CPU and the model computes in
-  float32 with float weights, else 'xla'; nothing is built or probed off the CPU. Where the
-  kernels cannot be built (no C++ compiler), the library logs one warning and this returns XLA.
+  float32 with float or weight-only int8 / int4 weights, else 'xla'; nothing is built or probed
+  off the CPU. Where the kernels cannot be built (no C++ compiler), the library logs one warning
+  and this returns XLA.
   """
   if isinstance(backend, XlaBackend):
     return backend

@@ -360,12 +360,7 @@ class QuantTable(nn.Module):
 
   def _rows(self, q_VX, s_VX):
     """Dequantised rows of (a gather of) the table: f32 [..., D]."""
-    if self.cfg.quant.weights == 'int8':
-      return q_VX.astype(jnp.float32) * s_VX[..., None].astype(jnp.float32)
-    q = unpack_int4(q_VX, axis=-1).astype(jnp.float32)
-    K = s_VX.shape[-1]
-    q = q.reshape(q.shape[:-1] + (K, -1)) * s_VX[..., None].astype(jnp.float32)
-    return q.reshape(q.shape[:-2] + (-1,))
+    return table_rows(self.cfg.quant.weights, q_VX, s_VX)
 
   def dequantized(self):
     """The float32 table [V, D]."""
@@ -416,6 +411,17 @@ class QuantTable(nn.Module):
                            preferred_element_type=jnp.int32)
       y = jnp.einsum('KMV,VK->MV', acc_KMV.astype(jnp.float32), s_VK) * xs
     return y.reshape(B, T, -1)
+
+
+def table_rows(scheme: str, q_VX, s_VX):
+  """Rows of a stored quantised table (`QuantTable`: int8 [..., D] with scales [...], or uint8
+  [..., D/2] with scales [..., D/G]) dequantised: f32 [..., D]."""
+  if scheme == 'int8':
+    return q_VX.astype(jnp.float32) * s_VX[..., None].astype(jnp.float32)
+  q = unpack_int4(q_VX, axis=-1).astype(jnp.float32)
+  K = s_VX.shape[-1]
+  q = q.reshape(q.shape[:-1] + (K, -1)) * s_VX[..., None].astype(jnp.float32)
+  return q.reshape(q.shape[:-2] + (-1,))
 
 
 def fake_quant_kernel(kernel, cfg: ModelConfig, contract_dims: int = 1,
