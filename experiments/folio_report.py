@@ -55,7 +55,7 @@ def main(argv):
     systems[name] = [task.postprocess_text(p) for p in preds]
     with open(os.path.join(workdir, 'summary.json')) as f:
       summary = json.load(f)
-    runs[name] = {'workdir': workdir, 'checkpoint': pre.source, 'decode_s': time.time() - t0,
+    runs[name] = {'workdir': workdir, 'checkpoint': os.path.relpath(pre.source), 'decode_s': time.time() - t0,
                   'train_wall_s': summary.get('wall_s'), 'steps': summary.get('final_step')}
   out = {'task': 'folio_modernize', 'split': 'test', 'test_plays': list(folio.TEST_PLAYS),
          'validation_plays': list(folio.VALIDATION_PLAYS), 'examples': len(examples),
