@@ -5,7 +5,7 @@
 
   python scripts/bench.py decode [--compare_torch]   # scripts/bench_decode.py
   python scripts/bench.py attention                  # scripts/bench_attention.py
-  python scripts/bench.py quant                      # scripts/bench_quant.py
+  python scripts/bench.py quant [--out=FILE]         # scripts/bench_quant.py
   python scripts/bench.py prune                      # scripts/bench_prune.py
 
 `train`: one JSON object with the median step time, tokens/s (inputs + targets), the exact matmul
@@ -139,15 +139,9 @@ def main(argv=None):
   p = sub.add_parser('prune', help='forward / decode speed of surgically pruned models')
   bench_prune.add_args(p)
   p.set_defaults(fn=bench_prune.run)
-  p = sub.add_parser('quant', help='decoding with int8 / int4 / dynamic int8 against f32')
-  p.add_argument('--variant', default='t5_small')
-  p.add_argument('--batch', type=int, default=1)
-  p.add_argument('--source_len', type=int, default=32)
-  p.add_argument('--new_tokens', type=int, default=32)
-  p.add_argument('--repeats', type=int, default=3)
-  p.add_argument('--settings', default=','.join(bench_quant.SETTINGS))
-  p.set_defaults(fn=lambda a: bench_quant.quant(a.variant, a.batch, a.source_len, a.new_tokens,
-                                                 a.repeats, a.settings.split(',')))
+  p = sub.add_parser('quant', help="int8 / int4 decoding against f32 and torch's dynamic int8")
+  bench_quant.add_args(p)
+  p.set_defaults(fn=bench_quant.run)
   args = parser.parse_args(argv)
   record = args.fn(args)
   benchlib.emit(record)

@@ -85,8 +85,9 @@ def jax_runner(params, cfg, batch, input_len, new_tokens):
   return lambda: compiled(params, enc).tokens.block_until_ready(), compile_s
 
 
-def torch_runner(variant_cfg, batch, input_len, new_tokens):
-  """One timed `generate` call of transformers' PyTorch T5 on the same config, warmed up."""
+def torch_runner(variant_cfg, batch, input_len, new_tokens, transform=None):
+  """One timed `generate` call of transformers' PyTorch T5 on the same config, warmed up
+  (`transform(model) -> model` first, e.g. torch's dynamic int8 quantisation)."""
   import torch
   import transformers
   torch.manual_seed(0)
@@ -97,6 +98,8 @@ def torch_runner(variant_cfg, batch, input_len, new_tokens):
       feed_forward_proj=variant_cfg.ffn_activation,
       tie_word_embeddings=variant_cfg.tie_embeddings, decoder_start_token_id=0)
   model = transformers.T5ForConditionalGeneration(hf_cfg).eval()
+  if transform is not None:
+    model = transform(model)
   enc = torch.randint(2, variant_cfg.vocab_size, (batch, input_len))
   kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1)
 

@@ -10,9 +10,10 @@
 //
 // At batch 1 decoding streams the weights, so the bytes read per token set the speed: int8 panels
 // are a quarter of float32's, int4 an eighth. Each weight row is read once for all M rows, widened
-// to float32 in registers (int8: one sign-extending load and a convert; int4: two shifts for the
-// low nibble, one for the high), and FMA'd into float32 accumulators; the int8 scale is applied
-// once per output at the end, the int4 scales once per group.
+// to float32 in registers (int8: one sign-extending load and a convert; int4: one zero-extending
+// load per 16 bytes and a 16-entry table lookup per nibble, no convert), and FMA'd into float32
+// accumulators; the int8 scale is applied once per output at the end, the int4 scales once per
+// group (the sums of a group are kept apart, then scaled and added).
 #include <algorithm>
 #include <cstdint>
 #include <string>
@@ -74,6 +75,8 @@ void PanelsQ4(const float* x, const uint8_t* panels, const float* scale, float* 
               int64_t N, int64_t p0, int64_t group) {
   constexpr int kAhead = 16;
   const int64_t R = K / 2;   // byte rows
+  // A nibble's signed value by table lookup: vpermps reads only the low 4 bits of each index.
+  const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
   __m512 acc[MR][2 * G];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < 2 * G; ++v) acc[m][v] = _mm512_setzero_ps();
@@ -89,12 +92,10 @@ void PanelsQ4(const float* x, const uint8_t* panels, const float* scale, float* 
         if ((r & 1) == 0 && r + kAhead < R)
           _mm_prefetch(reinterpret_cast<const char*>(row + kAhead * kPanel), _MM_HINT_T0);
         for (int h = 0; h < 2; ++h) {
-          // Each byte sign-extended to 32 bits: the high nibble is an arithmetic shift by 4, the
-          // low one moved to the top and shifted back down.
-          __m512i b = _mm512_cvtepi8_epi32(
+          __m512i b = _mm512_cvtepu8_epi32(
               _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * h)));
-          lo[2 * g + h] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));
-          hi[2 * g + h] = _mm512_cvtepi32_ps(_mm512_srai_epi32(b, 4));
+          lo[2 * g + h] = _mm512_permutexvar_ps(b, values);
+          hi[2 * g + h] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), values);
         }
       }
       for (int m = 0; m < MR; ++m) {
