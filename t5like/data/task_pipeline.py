@@ -10,9 +10,11 @@
   counts per task and split are logged and returned in `report`; nothing is cut silently.
   (Counting tokenises each example once; the examples themselves are tokenised again, one at a
   time, inside the grain pipeline, so token ids of the whole task are never held in memory.)
-- `train_iter`: the same `t5like.data.pipeline.TrainIterator` as pretraining (packing, per-process
-  slice, per-epoch shuffle, checkpointable position), over a grain `MapDataset` of the examples;
-  a mixture samples its tasks with `MapDataset.mix` at the given rates.
+- `train_iter`: the same `t5like.data.pipeline.RowSlotIterator` as pretraining (packing, per-epoch
+  shuffle, one global checkpointable position) over a lazily indexed grain `MapDataset` of the
+  examples in one global order; a mixture samples its tasks with `MapDataset.mix` at the given
+  rates. Each process tokenises only the examples of its own rows, and the global batches do not
+  depend on the process count.
 - `eval_batches()`: fresh, finite iterators over the first task's validation split (packed, the
   last batch filled with padding rows) for the validation loss.
 """
@@ -151,7 +153,8 @@ def task_lengths(data_cfg, arch: str) -> dict[str, int]:
 def make_task_datasets(tasks: Sequence[tuple[Task, float]], data_cfg, model_arch: str, tokenizer,
                        *, seed: int = 0, length_policy: str = 'drop', eval_split: str = 'validation',
                        process_index: int | None = None, process_count: int | None = None
-                       ) -> tuple[pipeline_lib.TrainIterator, Callable[[], Iterator[dict]], dict]:
+                       ) -> tuple[pipeline_lib.RowSlotIterator, Callable[[], Iterator[dict]],
+                                  dict]:
   """(train_iter, eval_batches factory, report); see the module docstring."""
   if not tasks:
     raise TaskError('no tasks to train on')
@@ -167,10 +170,7 @@ def make_task_datasets(tasks: Sequence[tuple[Task, float]], data_cfg, model_arch
     train, counts = apply_length_policy(task.examples('train'), tokenizer, lengths, model_arch,
                                         length_policy, what=f'{task.name}/train')
     report['counts'][f'{task.name}/train'] = counts.as_dict()
-    if len(train) < pc:
-      raise TaskError(f'task {task.name!r} has {len(train)} training examples, fewer than the '
-                      f'{pc} processes')
-    ds = grain.MapDataset.source(train).slice(slice(pi, None, pc))
+    ds = grain.MapDataset.source(train)   # the global order; rows pick their examples from it
     ds = ds.shuffle(seed=pipeline_lib._derive_seed(seed, data_cfg.shuffle_seed, 11 + k))
     if augmenter.active:   # seeded per element index, so per epoch (as in pretraining)
       datasets.append(ds.repeat(None).random_map(
@@ -179,15 +179,14 @@ def make_task_datasets(tasks: Sequence[tuple[Task, float]], data_cfg, model_arch
       datasets.append(ds.repeat(None).map(fn))
     weights.append(float(rate))
   ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
-  n = data_cfg.num_workers
-  examples = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=n, prefetch_buffer_size=4 * local_batch if n else 0))
-  fingerprint = {'process_index': pi, 'process_count': pc, 'batch_size': local_batch,
-                 'lengths': dict(lengths), 'pack': data_cfg.pack,
-                 'tasks': [[t.name, r] for t, r in tasks], 'length_policy': length_policy,
+  fingerprint = {'batch_size': data_cfg.batch_size, 'lengths': dict(lengths),
+                 'pack': data_cfg.pack, 'tasks': [[t.name, r] for t, r in tasks],
+                 'length_policy': length_policy,
                  'num_examples': [c['kept'] for c in report['counts'].values()]}
-  train_iter = pipeline_lib.TrainIterator(examples, lengths, pack=data_cfg.pack,
-                                          batch_size=local_batch, fingerprint=fingerprint)
+  train_iter = pipeline_lib.RowSlotIterator(
+      ds, lengths, pack=data_cfg.pack, global_batch=data_cfg.batch_size,
+      rows=range(pi * local_batch, (pi + 1) * local_batch), fingerprint=fingerprint,
+      num_threads=data_cfg.num_workers, process_count=pc)
 
   first = tasks[0][0]
   val, counts = apply_length_policy(first.examples(eval_split), tokenizer, lengths, model_arch,
