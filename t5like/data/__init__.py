@@ -18,10 +18,10 @@ The trainer's entry point (see `t5like.data.pipeline` for the full contract):
 """
 from t5like.data.corpus import CorpusError, Document, load_documents, split_documents
 from t5like.data.objectives import DECODER_KEYS, ENCDEC_KEYS, ObjectiveError
-from t5like.data.pipeline import (PipelineError, TrainIterator, make_datasets, sequence_lengths,
-                                  to_global_batch)
+from t5like.data.pipeline import (PipelineError, RowSlotIterator, make_datasets,
+                                  sequence_lengths, to_global_batch)
 from t5like.data.tokenizer import Tokenizer, TokenizerError
 
 __all__ = ['CorpusError', 'Document', 'load_documents', 'split_documents', 'DECODER_KEYS',
-           'ENCDEC_KEYS', 'ObjectiveError', 'PipelineError', 'TrainIterator', 'make_datasets',
+           'ENCDEC_KEYS', 'ObjectiveError', 'PipelineError', 'RowSlotIterator', 'make_datasets',
            'sequence_lengths', 'to_global_batch', 'Tokenizer', 'TokenizerError']

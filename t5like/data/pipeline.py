@@ -40,7 +40,7 @@ elements r, r + B, r + 2B, ... of that global order; process p owns rows [p*B/P,
 it touches only 1/P of the elements, and the batches do not depend on P. Packing and batching
 happen in `RowSlotIterator`, whose state is each row's next element (gathered from every process,
 so one saved state restores any process count). `num_workers` > 0 builds a batch's rows on that
-many threads. (`TrainIterator` is the older one-stream iterator the task pipeline uses.)
+many threads. The task pipeline (t5like.data.task_pipeline) uses the same iterator.
 """
 from __future__ import annotations
 
@@ -65,7 +65,6 @@ from t5like.data import tokenizer as tokenizer_lib
 log = logging.getLogger(__name__)
 
 BATCH_AXES = ('data', 'fsdp')
-_STATE_VERSION = 1
 _SLOT_STATE_VERSION = 2
 
 
@@ -133,63 +132,6 @@ class _ExampleFn:
                                    lengths=self.lengths, vocab_size=self.tokenizer.vocab_size,
                                    eos_id=self.tokenizer.eos_id, noise_density=cfg.noise_density,
                                    mean_noise_span_length=cfg.mean_noise_span_length)
-
-
-class TrainIterator:
-  """Infinite iterator of packed per-process batches with checkpointable position."""
-
-  def __init__(self, examples: grain.IterDataset, lengths: Mapping[str, int], *, pack: bool,
-               batch_size: int, fingerprint: Mapping[str, Any]):
-    self.lengths = dict(lengths)
-    self.batch_size = batch_size
-    self.pack = pack
-    self._fingerprint = dict(fingerprint)
-    self._examples = examples
-    self._it = iter(examples)
-    self._pending = None          # (grain state before it, example) that did not fit a row
-    self._packer = packing.Packer(self.lengths, max_segments=None if pack else 1)
-
-  def __iter__(self) -> 'TrainIterator':
-    return self
-
-  def _pull(self):
-    if self._pending is not None:
-      pulled, self._pending = self._pending, None
-      return pulled
-    state = self._it.get_state()
-    return state, next(self._it)
-
-  def _next_row(self) -> dict[str, np.ndarray]:
-    packer = self._packer
-    while True:
-      state, ex = self._pull()
-      if len(packer) and not packer.fits(ex):
-        self._pending = (state, ex)
-        return packer.row()
-      packer.add(ex)
-      if not self.pack:
-        return packer.row()
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    return packing.stack_rows([self._next_row() for _ in range(self.batch_size)])
-
-  def get_state(self) -> dict[str, Any]:
-    """JSON-able position: grain's state at the first example not yet in a returned batch."""
-    grain_state = self._pending[0] if self._pending is not None else self._it.get_state()
-    return {'version': _STATE_VERSION, 'grain': grain_state, **self._fingerprint}
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    if not isinstance(state, Mapping) or state.get('version') != _STATE_VERSION:
-      raise PipelineError(f'data iterator state {state!r} is not a version-{_STATE_VERSION} '
-                          'TrainIterator state')
-    diff = {k: (state.get(k), v) for k, v in self._fingerprint.items() if state.get(k) != v}
-    if diff:
-      raise PipelineError('data iterator state was saved by a different pipeline; mismatched '
-                          f'(saved, now): {diff}. Resume with the same data config and process '
-                          'count, or start a fresh workdir')
-    self._it.set_state(state['grain'])
-    self._pending = None
-    self._packer = packing.Packer(self.lengths, max_segments=None if self.pack else 1)
 
 
 class RowSlotIterator:
