@@ -628,7 +628,7 @@ class Study:
                                      c.eval_batch_size, c.n_bootstrap, teacher_preds)
     rec.update(q)
     rec['validation_loss'] = r.validation_loss(self.eval_batches, c.validation_batches)
-    rec.update(study_measure.sizes(params))
+    rec.update(study_measure.sizes(params, mcfg))
     rec['nonzero_params'] = nonzero_count(params)
     rec['config'] = {k: getattr(mcfg, k) for k in ('num_heads', 'd_ff', 'num_encoder_layers',
                                                    'num_decoder_layers', 'shared_layer_groups',
@@ -703,6 +703,9 @@ class Study:
     self.results['wall_s_this_run'] = time.perf_counter() - t0
     self.results['load_average_at_end'] = list(os.getloadavg())
     self.results['length_report'] = getattr(self, 'length_report', None)
+    for name in self.live():   # sizes by the current definition (cheap; older runs too)
+      params, mcfg = self.model(name)
+      self.record(name).update(study_measure.sizes(params, mcfg))
     self.save()
     study_report.write(self.results, self.out_dir, self.task.metrics)
     return self.results

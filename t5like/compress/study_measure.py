@@ -38,7 +38,7 @@ from t5like.compress import dynamic
 from t5like.compress.quantize import weight_bytes
 from t5like.data.tasks import metrics as metrics_lib
 from t5like.infer import decode
-from t5like.models import build_model, param_count
+from t5like.models import abstract_params, build_model, param_count
 from t5like.train import evaluation
 from t5like.train import step as step_lib
 
@@ -125,9 +125,13 @@ def peak_bytes(exe) -> int | None:
              - m.alias_size_in_bytes)
 
 
-def sizes(params) -> dict:
-  """Parameter count and weight bytes (every leaf: embedding, output layer and scales too)."""
-  return {'params': param_count(params), 'weight_bytes': weight_bytes(params)}
+def sizes(params, cfg) -> dict:
+  """Parameter count (of the float model of the same shapes: quantised leaves pack two int4
+  values a byte and add scales) and weight bytes (every stored leaf: embedding, output layer,
+  scales)."""
+  float_cfg = cfg.with_quant(weights='none', activations='none', qat='none')
+  return {'params': param_count(abstract_params(float_cfg)),
+          'stored_elements': param_count(params), 'weight_bytes': weight_bytes(params)}
 
 
 def quality(runner: Runner, tokenizer, task, examples, lengths, batch_size: int,
