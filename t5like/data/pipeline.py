@@ -32,8 +32,8 @@ Segment ids are 1, 2, ... per packed example and 0 on padding; positions restart
 `to_global_batch(batch, mesh, batch_spec=None)` turns the per-process numpy batch into global
 `jax.Array`s sharded over the mesh's ('data', 'fsdp') axes.
 
-With grain: the training chunks (an in-memory list, or an ArrayRecord file read record by record)
-are a `grain.MapDataset`, shuffled with a per-epoch seed, repeated forever, augmented and turned
+With grain: the training chunks (a `DocumentChunks` index of the plain-text corpus, tokenised chunk
+by chunk when read, or an ArrayRecord file read record by record) are a `grain.MapDataset`, shuffled with a per-epoch seed, repeated forever, augmented and turned
 into examples by a seeded `random_map` (seeded per element index, so per epoch), all lazily: an
 element is read and computed only when indexed. Row r of the global batch B (a "slot") packs the
 elements r, r + B, r + 2B, ... of that global order; process p owns rows [p*B/P, (p+1)*B/P), so
@@ -103,6 +103,47 @@ def make_chunks(docs: Sequence[corpus_lib.Document], tokenizer: tokenizer_lib.To
     ids = np.concatenate([np.asarray(x, np.int32) for x in tokenizer.encode_batch(lines)])
     chunks.extend(ids[i:i + chunk_length] for i in range(0, ids.size, chunk_length))
   return chunks
+
+
+class DocumentChunks:
+  """The chunks `make_chunks` returns, as a random-access sequence that keeps only each line's
+  token count: chunk i is tokenised when it is read (just the lines it spans), so a process holds
+  no token ids and tokenises again only the chunks its rows read. (Building the index counts every
+  line's tokens once, since chunk boundaries depend on all the text before them.)"""
+
+  def __init__(self, docs: Sequence[corpus_lib.Document], tokenizer: tokenizer_lib.Tokenizer,
+               chunk_length: int):
+    self._tokenizer, self._chunk_length = tokenizer, chunk_length
+    self._docs = []      # per document with text: (its non-blank lines, token end of each line)
+    starts = []          # global index of each document's first chunk
+    total = 0
+    for doc in docs:
+      lines = [l for l in doc.text.splitlines() if l.strip()]
+      if not lines:
+        continue
+      ends = np.cumsum([len(x) for x in tokenizer.encode_batch(lines)], dtype=np.int64)
+      self._docs.append((lines, ends))
+      starts.append(total)
+      total += -(-int(ends[-1]) // chunk_length)
+    self._starts, self._len = np.asarray(starts, np.int64), total
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    i = int(i)
+    if not 0 <= i < self._len:
+      raise IndexError(f'chunk {i} is out of range (0..{self._len - 1})')
+    d = int(np.searchsorted(self._starts, i, side='right')) - 1
+    lines, ends = self._docs[d]
+    lo = (i - int(self._starts[d])) * self._chunk_length
+    hi = min(lo + self._chunk_length, int(ends[-1]))
+    first = int(np.searchsorted(ends, lo, side='right'))   # the line holding token lo
+    last = int(np.searchsorted(ends, hi, side='left'))     # the line holding token hi - 1
+    base = int(ends[first - 1]) if first else 0
+    ids = np.concatenate([np.asarray(x, np.int32)
+                          for x in self._tokenizer.encode_batch(lines[first:last + 1])])
+    return ids[lo - base:hi - base]
 
 
 def _derive_seed(*parts: int) -> int:
@@ -325,7 +366,7 @@ def make_datasets(data_cfg, model_arch: str, workdir: str, *, seed: int = 0,
                                     seed=data_cfg.split_seed)
   chunk_length = objectives.chunk_length(data_cfg.objective, model_arch, lengths,
                                          data_cfg.noise_density, data_cfg.mean_noise_span_length)
-  train_chunks = make_chunks(train_docs, tok, chunk_length)
+  train_chunks = DocumentChunks(train_docs, tok, chunk_length)   # tokenised when a row reads it
   val_chunks = make_chunks(val_docs, tok, chunk_length)
   if not val_chunks:
     raise PipelineError(f'the validation split ({[d.name for d in val_docs]}) has no text')

@@ -241,3 +241,22 @@ def test_shakespeare_defaults(tmp_path):
   assert batch['decoder_target_tokens'].shape == (8, 29)
   assert (batch['encoder_segment_ids'] > 0).mean() > 0.9   # full chunks: little padding
   assert sum(1 for _ in eval_batches()) > 10
+
+
+@pytest.mark.parametrize('objective,arch', [('span_corruption', 'encdec'), ('causal_lm', 'decoder')])
+def test_lazy_document_chunks_equal_the_tokenised_chunks(cfg, tiny_workdir, objective, arch):
+  # The plain-text corpus is tokenised per chunk when a row reads it; the chunks and therefore the
+  # batches are those of tokenising the whole corpus up front.
+  cfg = DataConfig(**{**cfg.__dict__, 'objective': objective, 'inputs_length': 24})
+  train, _, tok = _make(cfg, tiny_workdir, arch=arch)
+  docs, _ = pipeline.load_splits(cfg)
+  n = objectives.chunk_length(objective, arch, train.lengths, .15, 3)
+  eager = pipeline.make_chunks(docs, tok, n)
+  lazy = pipeline.DocumentChunks(docs, tok, n)
+  assert len(lazy) == len(eager) > 50
+  for i in [0, 1, len(eager) - 1] + list(range(2, len(eager), 7)):
+    np.testing.assert_array_equal(lazy[i], eager[i], err_msg=str(i))
+  with pytest.raises(IndexError, match='out of range'):
+    lazy[len(eager)]
+  up_front = pipeline.make_train_iterator(eager, cfg, arch, tok, seed=0)
+  _assert_same(_take(train, 4), _take(up_front, 4))
