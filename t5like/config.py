@@ -159,12 +159,6 @@ class ModelConfig:
     """This config with QuantConfig fields replaced (weights=, group_size=, activations=, qat=)."""
     return dataclasses.replace(self, quant=dataclasses.replace(self.quant, **kw))
 
-  # Read-only old names of the quant fields, for code not yet moved to `cfg.quant`.
-  weight_quant = property(lambda self: self.quant.weights)
-  weight_quant_group_size = property(lambda self: self.quant.group_size)
-  activation_quant = property(lambda self: self.quant.activations)
-  qat = property(lambda self: self.quant.qat)
-
 
 _T5_1_0 = dict(ffn_activation='relu', tie_embeddings=True, vocab_size=32128, dropout_rate=0.1)
 _T5_1_1 = dict(ffn_activation='gated-gelu', tie_embeddings=False, vocab_size=32128, dropout_rate=0.0)

@@ -49,21 +49,21 @@ class OnnxExportError(ValueError):
 
 # (config field, value that cannot be exported, the operation it selects, how to export instead)
 _UNSUPPORTED = (
-    ('weight_quant', lambda v: v != 'none', 'quantised einsum (integer kernels, qkernel/qscale)',
+    ('weights', lambda v: v != 'none', 'quantised einsum (integer kernels, qkernel/qscale)',
      'export the float model and quantise the graphs with ONNX Runtime (--int8)'),
-    ('activation_quant', lambda v: v != 'none', 'run-time int8 activation quantisation '
-     '(dynamic_einsum)', 'export with activation_quant=none and quantise the graphs (--int8)'),
+    ('activations', lambda v: v != 'none', 'run-time int8 activation quantisation '
+     '(dynamic_einsum)', 'export with quant.activations=none and quantise the graphs (--int8)'),
     ('qat', lambda v: v != 'none', 'fake-quantised kernels (fake_quant_kernel)',
-     'export the trained float weights with qat=none'),
+     'export the trained float weights with quant.qat=none'),
 )
 
 
 def check_exportable(cfg: ModelConfig) -> None:
   for field, bad, op, fix in _UNSUPPORTED:
-    value = getattr(cfg, field)
+    value = getattr(cfg.quant, field)
     if bad(value):
       raise OnnxExportError(f'model {cfg.name!r}: the ONNX exporter cannot express the {op} that '
-                            f'model.{field}={value!r} selects; {fix}')
+                            f'model.quant.{field}={value!r} selects; {fix}')
 
 
 class _Graph:

@@ -150,13 +150,13 @@ def test_bad_manifest_is_refused(exported, tmp_path, edit, message):
 
 
 @pytest.mark.parametrize('field,value,op', [
-    ('weight_quant', 'int8', 'quantised einsum'),
-    ('activation_quant', 'dynamic', 'activation quantisation'),
+    ('weights', 'int8', 'quantised einsum'),
+    ('activations', 'dynamic', 'activation quantisation'),
     ('qat', 'int8', 'fake-quantised kernels'),
 ])
 def test_unexpressible_configs_name_the_field(tmp_path, field, value, op):
-  cfg = get_variant('t5_tiny', **{field: value})
-  with pytest.raises(t5onnx.OnnxExportError, match=rf'{op}.*model\.{field}={value!r}'):
+  cfg = get_variant('t5_tiny').with_quant(**{field: value})
+  with pytest.raises(t5onnx.OnnxExportError, match=rf'{op}.*model\.quant\.{field}={value!r}'):
     t5onnx.export_onnx(cfg, {}, str(tmp_path))
 
 
