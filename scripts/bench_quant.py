@@ -8,7 +8,9 @@ output channel, int4 in groups of `--group_size` along the contraction; weight-o
 the decode backend's layout once (`decode.prepare_params`, as the server does at load: on CPU the
 kernels of t5like/kernels, int8 / int4 panels dequantised in registers). 'torch_int8' is
 transformers' PyTorch T5 on the same config after `torch.ao.quantization.quantize_dynamic`
-(nn.Linear to dynamic int8). The settings' calls alternate in one run (median of `runs`), so the
+(nn.Linear to dynamic int8), on `--torch_threads` threads (1 by default: on a shared, loaded 2-core
+host its 2-thread OpenMP loops stall at every barrier, 2-5 tokens/s against about 43 on one
+thread in a check at load ~10). The settings' calls alternate in one run (median of `runs`), so the
 ratios come from one state of the host; `uptime` is the host's load before and after.
 Weight bytes are those read per generated token (decoder, output layer; scales included).
 """
@@ -37,6 +39,7 @@ def add_args(parser):
   parser.add_argument('--runs', type=int, default=5)
   parser.add_argument('--group_size', type=int, default=128, help='int4 group size')
   parser.add_argument('--no_torch', action='store_true', help='skip the PyTorch comparison')
+  parser.add_argument('--torch_threads', type=int, default=1, help='torch.set_num_threads')
   parser.add_argument('--out', default='', help='also write the JSON record to this file')
 
 
@@ -87,6 +90,9 @@ def run(args) -> dict:
                                                          args.new_tokens)
       result['compile_s'][f'{name}_b{b}'] = round(compile_s, 2)
     if not args.no_torch:
+      import torch  # optional (parity extra): only for the PyTorch comparison
+      torch.set_num_threads(args.torch_threads)
+      result['torch_threads'] = torch.get_num_threads()
       runners['torch_int8'] = bench_decode.torch_runner(cfg, b, args.input_len, args.new_tokens,
                                                         transform=_torch_int8)
     rates = bench_decode.median_rates(runners, b * args.new_tokens, args.runs)
