@@ -34,6 +34,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from t5like.compress.quantize import abstract_quantized_params
 from t5like.config import ConfigError, ModelConfig, from_dict, to_dict
@@ -72,28 +73,18 @@ class Bundle:
   meta: dict
 
 
-def _flatten(tree: Mapping, prefix: str = '') -> dict[str, np.ndarray]:
-  out = {}
-  for k, v in tree.items():
-    if _SEP in str(k):
-      raise BundleError(f'parameter key {k!r} contains {_SEP!r}; keys must not')
-    key = f'{prefix}{_SEP}{k}' if prefix else str(k)
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, key))
-    else:
-      out[key] = np.asarray(jax.device_get(v))
-  return out
+def _flatten(tree: Mapping) -> dict[str, np.ndarray]:
+  """'a/b/kernel' -> host array; a key holding the separator would not round-trip, so it is refused."""
+  flat = traverse_util.flatten_dict(dict(tree))
+  for path in flat:
+    bad = [k for k in path if _SEP in str(k)]
+    if bad:
+      raise BundleError(f'parameter key {bad[0]!r} contains {_SEP!r}; keys must not')
+  return {_SEP.join(map(str, path)): np.asarray(jax.device_get(v)) for path, v in flat.items()}
 
 
 def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
-  tree: dict = {}
-  for key, value in flat.items():
-    node = tree
-    *parents, leaf = key.split(_SEP)
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
+  return traverse_util.unflatten_dict(dict(flat), sep=_SEP)
 
 
 def _write_bytes(path: str, data: bytes) -> None:
@@ -195,12 +186,8 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
   return _flatten_abstract(qparams)
 
 
-def _flatten_abstract(tree, prefix: str = '') -> dict:
-  out = {}
-  for k, v in tree.items():
-    key = f'{prefix}{_SEP}{k}' if prefix else str(k)
-    out.update(_flatten_abstract(v, key) if isinstance(v, Mapping) else {key: v})
-  return out
+def _flatten_abstract(tree) -> dict:
+  return traverse_util.flatten_dict(dict(tree), sep=_SEP)
 
 
 def _check_params(flat: Mapping[str, np.ndarray], cfg: ModelConfig, where: str) -> None:
