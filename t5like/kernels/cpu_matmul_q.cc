@@ -81,9 +81,16 @@ void PanelsQ4(const float* x, const uint8_t* panels, const float* scale, float* 
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < 2 * G; ++v) acc[m][v] = _mm512_setzero_ps();
   const uint8_t* base = panels + p0 * R * kPanel;
+  // Up to 4 rows, a group's sums are kept apart and scaled once; with more, those would not fit
+  // in registers beside the totals, and the widened weights are scaled instead.
+  constexpr bool kScaleWeights = MR > 4;
+  constexpr int P = kScaleWeights ? 1 : MR;
   for (int64_t k0 = 0; k0 < K; k0 += group) {
-    __m512 part[MR][2 * G];
-    for (int m = 0; m < MR; ++m)
+    const float* s_row = scale + (k0 / group) * N + p0 * kPanel;
+    __m512 s[2 * G];
+    for (int v = 0; v < 2 * G; ++v) s[v] = _mm512_loadu_ps(s_row + 16 * v);
+    __m512 part[P][2 * G];
+    for (int m = 0; m < P; ++m)
       for (int v = 0; v < 2 * G; ++v) part[m][v] = _mm512_setzero_ps();
     for (int64_t r = k0 / 2; r < (k0 + group) / 2; ++r) {
       __m512 lo[2 * G], hi[2 * G];
@@ -96,21 +103,24 @@ void PanelsQ4(const float* x, const uint8_t* panels, const float* scale, float* 
               _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * h)));
           lo[2 * g + h] = _mm512_permutexvar_ps(b, values);
           hi[2 * g + h] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), values);
+          if constexpr (kScaleWeights) {
+            lo[2 * g + h] = _mm512_mul_ps(lo[2 * g + h], s[2 * g + h]);
+            hi[2 * g + h] = _mm512_mul_ps(hi[2 * g + h], s[2 * g + h]);
+          }
         }
       }
       for (int m = 0; m < MR; ++m) {
         __m512 x0 = _mm512_set1_ps(x[m * K + 2 * r]), x1 = _mm512_set1_ps(x[m * K + 2 * r + 1]);
+        __m512* into = kScaleWeights ? acc[m] : part[m % P];
         for (int v = 0; v < 2 * G; ++v) {
-          part[m][v] = _mm512_fmadd_ps(x0, lo[v], part[m][v]);
-          part[m][v] = _mm512_fmadd_ps(x1, hi[v], part[m][v]);
+          into[v] = _mm512_fmadd_ps(x0, lo[v], into[v]);
+          into[v] = _mm512_fmadd_ps(x1, hi[v], into[v]);
         }
       }
     }
-    const float* s_row = scale + (k0 / group) * N + p0 * kPanel;
-    for (int v = 0; v < 2 * G; ++v) {
-      __m512 s = _mm512_loadu_ps(s_row + 16 * v);
-      for (int m = 0; m < MR; ++m) acc[m][v] = _mm512_fmadd_ps(part[m][v], s, acc[m][v]);
-    }
+    if constexpr (!kScaleWeights)
+      for (int v = 0; v < 2 * G; ++v)
+        for (int m = 0; m < P; ++m) acc[m][v] = _mm512_fmadd_ps(part[m][v], s[v], acc[m][v]);
   }
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < 2 * G; ++v) _mm512_storeu_ps(y + m * N + p0 * kPanel + 16 * v, acc[m][v]);
