@@ -220,6 +220,12 @@ def drop_layers(params, cfg: ModelConfig, stride: int):
   return new, new_cfg
 
 
+def _relative(path: str) -> str:
+  """`path` relative to the working directory when under it (results name no machine paths)."""
+  rel = os.path.relpath(path)
+  return path if rel.startswith('..') else rel
+
+
 def nonzero_count(params) -> int:
   return int(sum(int(np.count_nonzero(np.asarray(x))) for x in jax.tree.leaves(params)
                  if jnp.issubdtype(x.dtype, jnp.floating)))
@@ -334,7 +340,7 @@ class Study:
     if c.teacher:
       pre = init_from.load_pretrained(c.teacher, c.teacher_step)
       self.tokenizer, params, tcfg = pre.tokenizer, pre.params, pre.cfg
-      rec['source'] = pre.source
+      rec['source'] = _relative(pre.source)
       rec['technique_s'] = 0.0
       rec['steps'] = 0
       rec['extra_steps'] = 0
@@ -357,7 +363,7 @@ class Study:
     if c.teacher_init:
       pre = init_from.load_pretrained(c.teacher_init, 'latest')
       self.tokenizer, params, tcfg = pre.tokenizer, pre.params, pre.cfg
-      self.record('teacher')['source'] = f'fine-tuned here from {pre.source}'
+      self.record('teacher')['source'] = f'fine-tuned here from {_relative(pre.source)}'
     else:
       train_docs, _ = pipeline.load_splits(DataConfig())
       self.tokenizer = tokenizer_lib.load_or_train(
@@ -680,7 +686,8 @@ class Study:
     study_measure.serve_and_load_test(
         self.bundles, names, load_test_script, os.path.join(self.out_dir, 'load_test'),
         requests=c.serve_requests, max_tokens=c.serve_max_tokens, prompt_len=c.serve_prompt_len,
-        on_result=on_result, test_names=todo, print_fn=self.print)
+        on_result=on_result, test_names=todo, log_path=os.path.join(self.work, 'server.log'),
+        print_fn=self.print)
     self.results['serving'] = {'requests': c.serve_requests, 'max_tokens': c.serve_max_tokens,
                                'prompt_len': c.serve_prompt_len, 'models_loaded': len(names),
                                'load_average_before': list(load),
@@ -700,7 +707,8 @@ class Study:
     if self.cfg.serve and load_test_script:
       self.print('serving')
       self.serve(load_test_script)
-    self.results['wall_s_this_run'] = time.perf_counter() - t0
+    # One entry per invocation: a resumed study lists each part it took.
+    self.results.setdefault('wall_s_runs', []).append(time.perf_counter() - t0)
     self.results['load_average_at_end'] = list(os.getloadavg())
     self.results['length_report'] = getattr(self, 'length_report', None)
     for name in self.live():   # sizes by the current definition (cheap; older runs too)

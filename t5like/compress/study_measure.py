@@ -198,7 +198,7 @@ def _ready(url: str) -> bool:
 def serve_and_load_test(bundles_dir: str, names: list[str], load_test_script: str, out_dir: str,
                         *, requests: int, max_tokens: int, prompt_len: int,
                         startup_timeout_s: float = 1800, on_result=None, test_names=None,
-                        print_fn=print) -> dict[str, dict]:
+                        log_path: str = '', print_fn=print) -> dict[str, dict]:
   """One server over `bundles_dir` serving `names`; the load test (1 and 16 clients, greedy
   tokens/s reported; its sampled levels run too and count in `failed`) on each.
   {name: {'tokens_per_s_c1', 'tokens_per_s_c16', 'failed', 'ok', 'file'}} (or {'error'})."""
@@ -209,7 +209,7 @@ def serve_and_load_test(bundles_dir: str, names: list[str], load_test_script: st
          f'--model_names={",".join(names)}', f'--port={port}', '--num_slots=16',
          f'--max_queue={max(64, requests)}', '--prompt_buckets=32',
          f'--max_new_tokens={max_tokens}', '--log_level=warning']
-  log_path = os.path.join(out_dir, 'server.log')
+  log_path = log_path or os.path.join(out_dir, 'server.log')
   results: dict[str, dict] = {}
   with open(log_path, 'w') as log_f:
     proc = subprocess.Popen(cmd, stdout=log_f, stderr=subprocess.STDOUT)

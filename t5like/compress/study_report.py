@@ -183,7 +183,9 @@ def write(results: dict, out_dir: str, metrics=('bleu', 'chrf', 'exact_match')) 
         f'{_f(results["load_average_at_start"][0], ".1f")} at the start and '
         f'{_f(results.get("load_average_at_end", [float("nan")])[0], ".1f")} at the end, so '
         'times (technique s, tokens/s) are slower than on an idle machine; the variants were '
-        'timed alternately in one process, so their ratios hold.', '',
+        'timed alternately in one process, so their ratios hold. Wall time of the command: '
+        + ' + '.join(f'{_f(w, ".0f")} s' for w in results.get('wall_s_runs', []))
+        + ' (each invocation; a rerun resumes).', '',
         f'Teacher: {v.get("teacher", {}).get("source", "?")}. Every variant is scored on the same '
         f'{v.get("teacher", {}).get("test_examples", "?")} test pairs (held-out plays, evenly '
         f'spaced over the test split); 95% bootstrap intervals ({cfg.get("n_bootstrap")} '
