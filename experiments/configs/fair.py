@@ -1,6 +1,6 @@
 """Fair comparisons: optimisers with equal tuning budgets, schedules, augmentation, precision.
 
-  nice -n 19 python experiments/fair_optimizers.py                      # everything (~45 min CPU)
+  nice -n 19 python experiments/fair_optimizers.py                      # everything (~50 min here)
   nice -n 19 python experiments/fair_optimizers.py --config=experiments/configs/fair.py:smoke
 
 Args:
@@ -9,11 +9,10 @@ Args:
            value, widened by a point while the best is at an edge; folio_modernize runs 150 steps.
   smoke    the same phases at a few steps and a 3-point grid (checks the script end to end).
 
-Literature values (centre of each grid): SGD with momentum 0.1; Adam / AdamW 1e-3 (Kingma & Ba;
-Loshchilov & Hutter); LARS 1.0 with trust coefficient 1e-3 (You et al. 2017: the rate multiplies a
-relative update of 1e-3); LAMB 2e-3 (You et al. 2019, BERT at batch 4k-16k: 1e-3 .. 5e-3);
-Adafactor 1e-2 (T5's pretraining peak with parameter scaling); AGD 1e-3 (Yue et al. 2023 use the
-Adam rates).
+Centre of each grid: the rate usually published for the method: SGD with momentum 0.1;
+Adam / AdamW 1e-3; LARS 1.0 with trust coefficient 1e-3 (the rate multiplies a relative update of
+1e-3); LAMB 2e-3 (large-batch BERT training used 1e-3 .. 5e-3); Adafactor 1e-2 (T5's pretraining
+peak with parameter scaling); AGD 1e-3 (Adam's rates).
 """
 import ml_collections
 
