@@ -10,6 +10,8 @@ import re
 import typing
 from typing import Any, Mapping
 
+from t5like import precision
+
 
 class ConfigError(ValueError):
   """A configuration value or key is invalid; the message names it."""
@@ -82,7 +84,7 @@ def _map_legacy_quant(values: Mapping[str, Any], prefix: str = 'model',
 ARCHS = ('encdec', 'decoder')
 FFN_ACTIVATIONS = ('relu', 'gated-gelu', 'gelu', 'swiglu')
 POSITIONS = ('relative', 'rope')
-PRECISIONS = ('f32', 'bf16', 'pure_bf16', 'fp16')      # t5like.precision.POLICIES
+PRECISIONS = tuple(precision.POLICIES)
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_with_no_batch_dims',
                   'save_nothing_but_params')           # t5like.models.layers.REMAT_POLICIES
 
@@ -107,7 +109,7 @@ class ModelConfig:
   rope_max_wavelength: float = 10_000.0
   dropout_rate: float = 0.1
   layer_norm_epsilon: float = 1e-6
-  precision: str = 'f32'                # a name from t5like.precision.POLICIES
+  precision: str = 'f32'                # one of PRECISIONS (t5like.precision.POLICIES)
   remat_policy: str = 'none'            # see t5like.models.layers.REMAT_POLICIES
   # Cross-layer parameter sharing (ALBERT): layers are split into this many groups of consecutive
   # layers; each group shares one set of weights. 0 means no sharing.

@@ -37,10 +37,10 @@ import re
 from typing import Iterable, Sequence
 
 from t5like import paths
+from t5like.config import ON_BAD_FILE
 
 log = logging.getLogger(__name__)
 
-ON_BAD_FILE = ('error', 'skip')
 _SINGLE_FILE_DOC_CHARS = 20_000
 _BINARY_SNIFF_BYTES = 8192
 
