@@ -15,11 +15,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from t5like import config as config_lib  # noqa: E402
-from t5like.compress import study  # noqa: E402
-from t5like.serve import bundle  # noqa: E402
+from t5like import config as config_lib
+from t5like.compress import study
+from t5like.serve import bundle
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 CONFIG = config_flags.DEFINE_config_file('config', None, 'Study config file (:default/full/tiny).')

@@ -14,7 +14,7 @@ import os
 
 from absl import app, flags
 
-import _eval_common as common
+from t5like.train import eval_cli as common
 
 TASK = flags.DEFINE_string('task', None, 'Registered task name.', required=True)
 SPLIT = flags.DEFINE_enum('split', 'test', ['train', 'validation', 'test'], 'Split to evaluate.')

@@ -12,12 +12,10 @@ the runs' settings) and <out>/predictions_<system>.jsonl (input, target, predict
 """
 import json
 import os
-import sys
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PRETRAINED = flags.DEFINE_string('pretrained', 'runs/folio_pretrained', 'Workdir of run (a).')
 SCRATCH = flags.DEFINE_string('scratch', 'runs/folio_scratch', 'Workdir of run (b).')

@@ -8,7 +8,7 @@ the same objects with `prediction` added.
 """
 from absl import app, flags
 
-import _eval_common as common
+from t5like.train import eval_cli as common
 
 TASK = flags.DEFINE_string('task', None, 'Registered task name (its prefix and postprocessing).',
                            required=True)

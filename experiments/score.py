@@ -9,7 +9,7 @@ with --task the task's prefix is put before each input. The output has the same 
 """
 from absl import app, flags
 
-import _eval_common as common
+from t5like.train import eval_cli as common
 
 TASK = flags.DEFINE_string('task', '', 'Optional task whose preprocessing applies to the inputs.')
 INPUT = flags.DEFINE_string('input', None, 'JSONL file of (input, target) pairs.', required=True)

@@ -26,7 +26,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'experiments', 'configs', 'shakespeare.py')
-sys.path.insert(0, ROOT)
 
 
 def _rss_mib() -> float:

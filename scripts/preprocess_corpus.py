@@ -18,16 +18,13 @@ in-memory pipeline trains. Prints a JSON summary.
 from __future__ import annotations
 
 import json
-import os
 import resource
-import sys
 import time
 
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file[:arg]',
                                           lock_config=True)

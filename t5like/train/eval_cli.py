@@ -1,11 +1,16 @@
-"""Flags and model loading shared by evaluate.py, predict.py and score.py (kept out of the library:
-it is the command-line surface only)."""
-import os
+"""The command-line surface shared by experiments/evaluate.py, predict.py and score.py: their common
+absl flags, loading the model named by --workdir, and user errors as one line on stderr."""
 import sys
 
-from absl import flags
+from absl import flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from t5like.config import ConfigError
+from t5like.data.tasks import MetricError, Registry, TaskError
+from t5like.data.tokenizer import TokenizerError
+from t5like.models.convert import ConversionError
+from t5like.train import evaluation, init_from
+from t5like.train.checkpoint import CheckpointError
+from t5like.train.init_from import InitFromError
 
 WORKDIR = flags.DEFINE_string('workdir', None, 'A t5like training workdir, an exported bundle or '
                               'a Hugging Face T5 folder (config.json + model.safetensors + '
@@ -21,21 +26,12 @@ TARGETS_LENGTH = flags.DEFINE_integer('targets_length', 0, 'Decoder length T; 0:
                                       'data.targets_length, else 128.')
 
 
-def user_errors():
-  from t5like.config import ConfigError
-  from t5like.data.tasks import MetricError, TaskError
-  from t5like.data.tokenizer import TokenizerError
-  from t5like.models.convert import ConversionError
-  from t5like.train.checkpoint import CheckpointError
-  from t5like.train.init_from import InitFromError
-  return (ConfigError, TaskError, MetricError, TokenizerError, ConversionError, CheckpointError,
-          InitFromError)
+USER_ERRORS = (ConfigError, TaskError, MetricError, TokenizerError, ConversionError,
+               CheckpointError, InitFromError)
 
 
 def load():
   """(Pretrained, lengths, Registry, saved settings) of --workdir."""
-  from t5like.data.tasks import Registry
-  from t5like.train import evaluation, init_from
   saved = evaluation.saved_settings(WORKDIR.value)
   pre = init_from.load_pretrained(WORKDIR.value, STEP.value)
   S = INPUTS_LENGTH.value or saved.get('inputs_length') or 128
@@ -47,11 +43,9 @@ def load():
 
 def run_main(body):
   """Runs `body()`, turning a user error into one line on stderr and exit status 1."""
-  from absl import logging
   logging.set_verbosity(logging.WARNING)
-  errors = user_errors()
   try:
     body()
-  except errors as e:
+  except USER_ERRORS as e:
     print(f'error: {type(e).__name__}: {e}', file=sys.stderr)
     sys.exit(1)
