@@ -33,22 +33,27 @@ Segment ids are 1, 2, ... per packed example and 0 on padding; positions restart
 `jax.Array`s sharded over the mesh's ('data', 'fsdp') axes.
 
 With grain: the training chunks (a `DocumentChunks` index of the plain-text corpus, tokenised chunk
-by chunk when read, or an ArrayRecord file read record by record) are a `grain.MapDataset`, shuffled with a per-epoch seed, repeated forever, augmented and turned
-into examples by a seeded `random_map` (seeded per element index, so per epoch), all lazily: an
-element is read and computed only when indexed. Row r of the global batch B (a "slot") packs the
-elements r, r + B, r + 2B, ... of that global order; process p owns rows [p*B/P, (p+1)*B/P), so
-it touches only 1/P of the elements, and the batches do not depend on P. Packing and batching
-happen in `RowSlotIterator`, whose state is each row's next element (gathered from every process,
-so one saved state restores any process count). `num_workers` > 0 builds a batch's rows on that
-many threads. The task pipeline (t5like.data.task_pipeline) uses the same iterator.
+by chunk when read, or an ArrayRecord file read record by record) are a `grain.MapDataset`,
+shuffled with a per-epoch seed, repeated forever, augmented and turned into examples by a seeded
+`random_map` (seeded per element index, so per epoch), all lazily: an element is read and computed
+only when indexed. Row r of the global batch B (a "slot") packs the elements r, r + B, r + 2B, ...
+of that global order; process p owns rows [p*B/P, (p+1)*B/P), so it touches only 1/P of the
+elements, and the batches do not depend on P. Packing and batching happen in `RowSlotIterator`,
+whose state is each row's next element (gathered from every process, so one saved state restores
+any process count). `num_workers` > 0 builds a batch's rows on that many threads. The task
+pipeline (t5like.data.task_pipeline) uses the same iterator. The plain-text index's token counts
+are split over the processes too (`DocumentChunks`); every process holds the corpus text, so data
+past one machine's memory goes through an ArrayRecord folder (t5like.data.records).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import grain
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -108,20 +113,29 @@ def make_chunks(docs: Sequence[corpus_lib.Document], tokenizer: tokenizer_lib.To
 class DocumentChunks:
   """The chunks `make_chunks` returns, as a random-access sequence that keeps only each line's
   token count: chunk i is tokenised when it is read (just the lines it spans), so a process holds
-  no token ids and tokenises again only the chunks its rows read. (Building the index counts every
-  line's tokens once, since chunk boundaries depend on all the text before them.)"""
+  no token ids and tokenises again only the chunks its rows read.
+
+  Chunk boundaries depend on every line's token count, so the index needs them all: with
+  `process_count` > 1, process p counts lines p, p + P, ... and the counts are summed over
+  processes by `gather` (default: an all-gather over `jax.distributed`), so each line is tokenised
+  for the index by one process only."""
 
   def __init__(self, docs: Sequence[corpus_lib.Document], tokenizer: tokenizer_lib.Tokenizer,
-               chunk_length: int):
+               chunk_length: int, *, process_index: int = 0, process_count: int = 1,
+               gather: Callable[[np.ndarray], np.ndarray] | None = None):
     self._tokenizer, self._chunk_length = tokenizer, chunk_length
+    doc_lines = [[l for l in doc.text.splitlines() if l.strip()] for doc in docs]
+    doc_lines = [lines for lines in doc_lines if lines]
+    counts = count_line_tokens([l for lines in doc_lines for l in lines], tokenizer,
+                               process_index, process_count)
+    if process_count > 1:
+      counts = (gather or _sum_over_processes)(counts)
     self._docs = []      # per document with text: (its non-blank lines, token end of each line)
     starts = []          # global index of each document's first chunk
-    total = 0
-    for doc in docs:
-      lines = [l for l in doc.text.splitlines() if l.strip()]
-      if not lines:
-        continue
-      ends = np.cumsum([len(x) for x in tokenizer.encode_batch(lines)], dtype=np.int64)
+    total, at = 0, 0
+    for lines in doc_lines:
+      ends = np.cumsum(counts[at:at + len(lines)], dtype=np.int64)
+      at += len(lines)
       self._docs.append((lines, ends))
       starts.append(total)
       total += -(-int(ends[-1]) // chunk_length)
@@ -145,6 +159,21 @@ class DocumentChunks:
     ids = np.concatenate([np.asarray(self._tokenizer.encode(l), np.int32)
                           for l in lines[first:last + 1]])
     return ids[lo - base:hi - base]
+
+
+def count_line_tokens(lines: Sequence[str], tokenizer: tokenizer_lib.Tokenizer,
+                      process_index: int = 0, process_count: int = 1) -> np.ndarray:
+  """Token count of each line; with `process_count` > 1 only this process's lines (every
+  `process_count`-th, from `process_index`) are counted and the others left 0."""
+  counts = np.zeros(len(lines), np.int64)
+  mine = lines[process_index::process_count]
+  if mine:
+    counts[process_index::process_count] = [len(x) for x in tokenizer.encode_batch(mine)]
+  return counts
+
+
+def _sum_over_processes(counts: np.ndarray) -> np.ndarray:
+  return np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
 
 
 def _derive_seed(*parts: int) -> int:
@@ -215,7 +244,6 @@ class RowSlotIterator:
   def __next__(self) -> dict[str, np.ndarray]:
     if self._num_threads > 0:
       if self._pool is None:
-        import concurrent.futures
         self._pool = concurrent.futures.ThreadPoolExecutor(self._num_threads)
       rows = list(self._pool.map(self._row, range(self.batch_size)))
     else:
@@ -227,7 +255,6 @@ class RowSlotIterator:
     collective (each process contributes its rows): call it on all of them, as a checkpoint does."""
     positions = self._next
     if self._process_count > 1:
-      from jax.experimental import multihost_utils
       positions = np.asarray(multihost_utils.process_allgather(self._next)).reshape(-1)
     return {'version': _SLOT_STATE_VERSION, 'positions': [int(x) for x in positions],
             **self._fingerprint}
@@ -367,7 +394,9 @@ def make_datasets(data_cfg, model_arch: str, workdir: str, *, seed: int = 0,
                                     seed=data_cfg.split_seed)
   chunk_length = objectives.chunk_length(data_cfg.objective, model_arch, lengths,
                                          data_cfg.noise_density, data_cfg.mean_noise_span_length)
-  train_chunks = DocumentChunks(train_docs, tok, chunk_length)   # tokenised when a row reads it
+  # Tokenised when a row reads it; the index's token counts are split over the real processes.
+  train_chunks = DocumentChunks(train_docs, tok, chunk_length, process_index=jax.process_index(),
+                                process_count=jax.process_count())
   val_chunks = make_chunks(val_docs, tok, chunk_length)
   if not val_chunks:
     raise PipelineError(f'the validation split ({[d.name for d in val_docs]}) has no text')

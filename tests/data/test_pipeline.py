@@ -260,3 +260,28 @@ def test_lazy_document_chunks_equal_the_tokenised_chunks(cfg, tiny_workdir, obje
     lazy[len(eager)]
   up_front = pipeline.make_train_iterator(eager, cfg, arch, tok, seed=0)
   _assert_same(_take(train, 4), _take(up_front, 4))
+
+
+def test_document_index_counts_are_split_over_processes(cfg, tiny_workdir):
+  # With P processes each tokenises every P-th line for the index, and the summed counts give the
+  # index one process would build alone.
+  train, _, tok = _make(cfg, tiny_workdir)
+  docs, _ = pipeline.load_splits(cfg)
+  lines = [l for d in docs for l in d.text.splitlines() if l.strip()]
+  parts = [pipeline.count_line_tokens(lines, tok, p, 3) for p in range(3)]
+  for p, part in enumerate(parts):
+    assert (part[p::3] > 0).all() and not np.delete(part, np.s_[p::3]).any()
+  np.testing.assert_array_equal(sum(parts), pipeline.count_line_tokens(lines, tok))
+  n = 29
+  alone = pipeline.DocumentChunks(docs, tok, n)
+  seen = []
+
+  def gather(mine):   # stands in for the all-gather: this process's counts plus the others'
+    seen.append(mine)
+    return mine + sum(parts[p] for p in range(3) if p != 1)
+
+  sharded = pipeline.DocumentChunks(docs, tok, n, process_index=1, process_count=3, gather=gather)
+  np.testing.assert_array_equal(seen[0], parts[1])
+  assert len(sharded) == len(alone) > 50
+  for i in range(0, len(alone), 5):
+    np.testing.assert_array_equal(sharded[i], alone[i], err_msg=str(i))
