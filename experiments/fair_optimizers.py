@@ -66,6 +66,7 @@ from t5like.models import build_model
 from t5like.optim import adaptive, make_optimizer, make_schedule
 from t5like.parallel.mesh import get_rules, make_mesh
 from t5like.train import evaluation
+from t5like.train import fair_report
 from t5like.train import state as state_lib
 from t5like.train import step as step_lib
 
@@ -692,7 +693,6 @@ def main(argv):
       ex.store.save()
       log(f'phase {ph} done in {time.perf_counter() - t:.0f} s')
   if 'report' in phases:
-    import fair_report   # experiments/ is the script's folder (matplotlib only when reporting)
     fair_report.write(ex.store.data, ex.results, _CONFIG.value)
   log(f'done in {time.perf_counter() - t0:.0f} s')
 
