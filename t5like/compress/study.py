@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from t5like import precision
+from t5like import precision, runtime
 from t5like.compress import (distill, gradual, greedy, prune, quantize, share, study_measure,
                              study_report, surgery)
 from t5like.config import (ConfigError, DataConfig, DistillConfig, ModelConfig, OptimConfig,
@@ -444,6 +444,9 @@ class Study:
         self._build(v, i, len(order))
       if 'technique_s' in self.record(v.name):
         self.measure_quality_of(v.name)
+      # Each variant compiles its own training and scoring programs; dozens of variants in one
+      # process would otherwise reach the kernel's cap on memory mappings.
+      runtime.free_compiled_programs()
     self.results.pop('not_built_within_budget', None)
 
   def _build(self, v: Variant, i: int, n: int) -> None:
