@@ -224,6 +224,7 @@ def main(argv=None) -> dict:
   if not model:
     p.error('--model is required with --url or --model_base_path')
   proc, tmp = None, None
+  load_before = os.getloadavg()[0]
   if args.url:
     host = urlparse(args.url).hostname
     if host not in LOOPBACK:
@@ -274,8 +275,9 @@ def main(argv=None) -> dict:
       'model': model, 'variant': args.variant or None, 'num_slots': args.num_slots,
       'max_tokens': args.max_tokens, 'prompt_len': args.prompt_len,
       'num_requests': args.num_requests, 'temperature_sampled': args.temperature,
-      'machine': {'cpus': os.cpu_count(), 'load_avg_at_end': os.getloadavg(),
-                  'note': 'shared machine: other jobs ran during the measurement'},
+      # The 1-minute load average before the server started and at the end: other work on the
+      # host shows there (the server and the clients load it too).
+      'machine': {'cpus': os.cpu_count(), 'load_avg_1min': [load_before, os.getloadavg()[0]]},
       'fresh_vs_after_burst': {'fresh': fresh, 'after_burst': after, 'tpot_p50_ratio': ratio,
                                'tpot_mean_ratio': ratio_mean},
       'levels': levels, 'speedup_16_vs_1': speedup,

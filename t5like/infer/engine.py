@@ -1,15 +1,18 @@
 """A continuous-batching decode engine with fixed slots (JetStream's prefill / insert / generate).
 
-The engine holds one preallocated KV cache of `num_slots` rows. A request is prefilled alone at
-the smallest prompt-length bucket that fits (for encoder-decoder models that runs the encoder and
-caches the cross-attention K/V), inserted into a free row, and then advances one token per
-`generate` step together with every other live row. One thread owns the device loop and admits
-new requests between steps, so a long generation never blocks short ones. All shapes (each
-bucket's prefill, insert, generate) are compiled by `warmup()` before the engine reports ready.
+The engine holds one preallocated KV cache of `num_slots` rows. Waiting requests are prefilled
+at the smallest prompt-length bucket that fits (for encoder-decoder models that runs the encoder
+and caches the cross-attention K/V), those of one bucket together in batches of the
+`prefill_batch_sizes` (a burst of N requests costs a few prefill calls, not N), inserted into free
+rows, and then advance one token per `generate` step together with every other live row. One
+thread owns the device loop and admits new requests between steps, so a long generation never
+blocks short ones. All shapes (each bucket's prefill at each batch size, their inserts, generate)
+are compiled by `warmup()` before the engine reports ready.
 Prefill, steps and sampling are decode's (t5like/infer/backend.py, sampling.py); `backend`
 ('auto', 'xla', 'cpu_kernels') chooses how they run here.
 
-Shape letters: R slot rows, P prompt bucket, S source / cache length, V vocab.
+Shape letters: R slot rows, N requests prefilled together, P prompt bucket, S source / cache
+length, V vocab.
 """
 from __future__ import annotations
 
@@ -78,8 +81,9 @@ class Request:
   logprobs: list = dataclasses.field(default_factory=list)
 
 
-def _insert_row(slot_tree, row_tree, slot):
-  """Writes a one-row cache into row `slot` (per-layer K/V and the rest: batch on axis 0)."""
+def _insert_rows(slot_tree, rows_tree, slots_N):
+  """Writes the N rows of a prefilled cache into the distinct rows `slots_N` (per-layer K/V and the
+  rest: batch on axis 0)."""
   def put(dst, src):
     axis = 1 if dst.ndim == 5 else 0   # a stacked [L, B, ...] cache
     # Encoder K/V and mask of a shorter bucket: pad the source length (the one axis besides the
@@ -87,8 +91,12 @@ def _insert_row(slot_tree, row_tree, slot):
     pad = [(0, 0) if d == axis else (0, dst.shape[d] - src.shape[d]) for d in range(src.ndim)]
     if any(hi for _, hi in pad):
       src = jnp.pad(src, pad)
-    return jax.lax.dynamic_update_slice_in_dim(dst, src.astype(dst.dtype), slot, axis=axis)
-  return jax.tree.map(put, slot_tree, row_tree)
+    src = src.astype(dst.dtype)
+    for i in range(src.shape[axis]):
+      row = jax.lax.slice_in_dim(src, i, i + 1, axis=axis)
+      dst = jax.lax.dynamic_update_slice_in_dim(dst, row, slots_N[i], axis=axis)
+    return dst
+  return jax.tree.map(put, slot_tree, rows_tree)
 
 
 MAX_LOGPROBS = 20   # top-N alternatives a request may ask for per token
@@ -103,17 +111,16 @@ def logprob_info(logits_RV, tok_R):
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'max_prompt_len', 'max_new_tokens', 'backend'))
-def _prefill(params, tokens_1P, temperature, top_k, top_p, key, *, cfg: ModelConfig,
+def _prefill(params, tokens_NP, temp_N, top_k_N, top_p_N, keys_N2, *, cfg: ModelConfig,
              max_prompt_len: int, max_new_tokens: int, backend: backend_lib.XlaBackend):
-  """One request alone: its cache row, its first sampled token and that token's logprob_info."""
+  """N requests together: their cache rows, first sampled tokens [N] and `logprob_info`."""
   cache_len = max_new_tokens + 1 + (0 if cfg.is_encdec else max_prompt_len)
-  row, logits_1V = backend.prefill(params, cfg, tokens_1P, cache_len)
-  tok = sampling.sample(logits_1V, key[None], temperature, top_k, top_p)
-  lp, ids, top = logprob_info(logits_1V, tok)
-  return row, tok[0], (lp[0], ids[0], top[0])
+  rows, logits_NV = backend.prefill(params, cfg, tokens_NP, cache_len)
+  toks_N = sampling.sample(logits_NV, keys_N2, temp_N, top_k_N, top_p_N)
+  return rows, toks_N, logprob_info(logits_NV, toks_N)
 
 
-_insert = jax.jit(_insert_row, donate_argnums=(0,))
+_insert = jax.jit(_insert_rows, donate_argnums=(0,))
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'backend', 'with_logprobs'),
@@ -154,9 +161,16 @@ class Engine:
 
   def __init__(self, params, cfg: ModelConfig, *, num_slots: int = 8,
                prompt_buckets: Sequence[int] = (32, 64, 128, 256), max_new_tokens: int = 128,
-               max_queue: int = 64, name: str = 'model', backend: str = 'auto'):
+               max_queue: int = 64, name: str = 'model', backend: str = 'auto',
+               prefill_batch_sizes: Sequence[int] = (1, 4, 16)):
     if num_slots <= 0 or max_new_tokens <= 0 or max_queue <= 0:
       raise ValueError('num_slots, max_new_tokens and max_queue must be positive')
+    if not prefill_batch_sizes or any(int(n) <= 0 for n in prefill_batch_sizes):
+      raise ValueError(f'prefill_batch_sizes must be positive, got {list(prefill_batch_sizes)}')
+    # Batch sizes a prefill runs at (1 always, none above the slot count): waiting requests of one
+    # bucket go in the largest batches that they fill, so nothing is padded.
+    self.prefill_sizes = tuple(sorted({1} | {int(n) for n in prefill_batch_sizes
+                                             if int(n) <= num_slots}))
     # The backend's decoding layout (per-layer decoder weights and K/V lists; on CPU, packed
     # weights): a decode step then reads each weight once, where stacked weights are sliced
     # (copied) on every call.
@@ -175,6 +189,7 @@ class Engine:
     self.ready = False
     self._draining = False
     self.steps = 0
+    self.prefill_calls = self.prefilled = 0   # prefill batches run, requests they held
     self.last_error: str | None = None
     if cfg.is_encdec:
       cache = init_cache(cfg, num_slots, max_new_tokens + 1, self.max_prompt_len)
@@ -269,12 +284,14 @@ class Engine:
     return (np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p))
 
   def warmup(self) -> None:
-    """Compiles every prefill bucket, the insert of each, and the generate step."""
+    """Compiles every prefill bucket at every prefill batch size, their inserts, and the generate
+    step."""
     temp, top_k, top_p = self._sampling_arrays(SamplingParams(temperature=1.0))
-    key = np.zeros((2,), np.uint32)
     for b in self.buckets:
-      row, _, _ = self._prefill(self.params, np.ones((1, b), np.int32), temp, top_k, top_p, key)
-      self._cache = self._insert(self._cache, row, 0)
+      for n in self.prefill_sizes:
+        rows, _, _ = self._prefill(self.params, np.ones((n, b), np.int32), np.full(n, temp),
+                                   np.full(n, top_k), np.full(n, top_p), np.zeros((n, 2), np.uint32))
+        self._cache = self._insert(self._cache, rows, np.arange(n, dtype=np.int32))
     for with_logprobs in (False, True):   # the sampler's paths are branches of each program
       toks, self._cache, _ = self._generate(self.params, self._cache, self._tokens, self._temp,
                                             self._top_k, self._top_p, self._keys, self._pos,
@@ -302,7 +319,8 @@ class Engine:
     cap = self._cache_len * self.num_slots
     used = sum(len(r.prompt_ids) * (not self.cfg.is_encdec) + len(r.output_ids) for r in live)
     return {'running': len(live), 'waiting': waiting, 'slots_in_use': len(live),
-            'num_slots': self.num_slots, 'kv_cache_usage': used / cap, 'steps': self.steps}
+            'num_slots': self.num_slots, 'kv_cache_usage': used / cap, 'steps': self.steps,
+            'prefill_calls': self.prefill_calls, 'prefilled': self.prefilled}
 
   def _emit(self, req: Request, kind: str, value) -> None:
     try:
@@ -323,20 +341,51 @@ class Engine:
       self._reset_sampling(slot)
     self._emit(req, 'finish', reason)
 
-  def _admit(self, slot: int, req: Request) -> None:
-    ids = np.zeros((1, self.bucket_for(len(req.prompt_ids))), np.int32)
-    ids[0, :len(req.prompt_ids)] = req.prompt_ids
-    temp, top_k, top_p = self._sampling_arrays(req.params)
-    key = self._key_for(req)
-    req.started_at = time.monotonic()
-    row, tok, info = self._prefill(self.params, ids, temp, top_k, top_p, key)
-    self._cache = self._insert(self._cache, row, slot)
+  def _admit(self, slots: Sequence[int], reqs: Sequence[Request], bucket: int) -> None:
+    """Prefills requests of one prompt bucket together into the free rows `slots`."""
+    n = len(reqs)
+    ids = np.zeros((n, bucket), np.int32)
+    temp, top_k = np.zeros((n,), np.float32), np.zeros((n,), np.int32)
+    top_p, keys = np.ones((n,), np.float32), np.zeros((n, 2), np.uint32)
+    now = time.monotonic()
+    for i, req in enumerate(reqs):
+      ids[i, :len(req.prompt_ids)] = req.prompt_ids
+      temp[i], top_k[i], top_p[i] = self._sampling_arrays(req.params)
+      keys[i] = self._key_for(req)
+      req.started_at = now
+    rows, toks, info = self._prefill(self.params, ids, temp, top_k, top_p, keys)
+    self.prefill_calls, self.prefilled = self.prefill_calls + 1, self.prefilled + n
+    self._cache = self._insert(self._cache, rows, np.asarray(slots, np.int32))
+    toks = np.asarray(toks)
+    info = (jax.device_get(info) if any(r.params.logprobs is not None for r in reqs) else None)
+    for i, (slot, req) in enumerate(zip(slots, reqs)):
+      with self._lock:
+        self._slots[slot] = req
+      self._temp[slot], self._top_k[slot], self._top_p[slot] = temp[i], top_k[i], top_p[i]
+      self._keys[slot] = keys[i]
+      self._pos[slot] = 1
+      self._accept(slot, req, int(toks[i]), None if info is None else tuple(x[i] for x in info))
+
+  def _admit_waiting(self) -> None:
+    """Moves waiting requests into the free slots, prefilling each bucket's in batches."""
+    free = [s for s in range(self.num_slots) if self._slots[s] is None]
     with self._lock:
-      self._slots[slot] = req
-    self._temp[slot], self._top_k[slot], self._top_p[slot] = temp, top_k, top_p
-    self._keys[slot] = key
-    self._pos[slot] = 1
-    self._accept(slot, req, int(tok), info)
+      taken = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
+    by_bucket: dict[int, list[Request]] = {}
+    for req in taken:
+      by_bucket.setdefault(self.bucket_for(len(req.prompt_ids)), []).append(req)
+    for bucket, reqs in by_bucket.items():
+      while reqs:
+        n = max(b for b in self.prefill_sizes if b <= len(reqs))
+        batch, reqs = reqs[:n], reqs[n:]
+        slots, free = free[:n], free[n:]
+        try:
+          self._admit(slots, batch, bucket)
+        except Exception as e:  # a failed prefill must not take the engine down
+          self.last_error = repr(e)
+          for slot, req in zip(slots, batch):
+            if req.finish_reason is None:
+              self._finish(slot if self._slots[slot] is req else None, req, f'error: {e}')
 
   def _accept(self, slot: int, req: Request, tok: int, info=None) -> None:
     """Records a sampled token (and its logprobs when asked for) and decides whether the
@@ -386,17 +435,7 @@ class Engine:
     while not self._stop.is_set():
       try:
         self._reap()
-        for slot in range(self.num_slots):
-          if self._slots[slot] is not None:
-            continue
-          req = self._next_waiting()
-          if req is None:
-            break
-          try:
-            self._admit(slot, req)
-          except Exception as e:  # one bad request must not take the engine down
-            self.last_error = repr(e)
-            self._finish(slot if self._slots[slot] is req else None, req, f'error: {e}')
+        self._admit_waiting()
         active = np.array([r is not None for r in self._slots])
         if not active.any():
           self._wake.wait(0.05)

@@ -5,9 +5,10 @@
   --version_policy    latest (with --num_latest_versions), all, or specific (with --versions)
   --admin_token       bearer token of the /admin endpoints (default: $T5LIKE_ADMIN_TOKEN; none
                       disables them)
-  engine: --num_slots, --prompt_buckets, --max_new_tokens, --max_queue; --request_timeout_s,
-  --drain_timeout_s (SIGTERM: not ready at once, in-flight requests drain up to this long, the rest
-  end with finish_reason "abort", then the process exits 0), --poll_seconds (rescan the base path)
+  engine: --num_slots, --prompt_buckets, --prefill_batch_sizes, --max_new_tokens, --max_queue;
+  --request_timeout_s, --drain_timeout_s (SIGTERM: not ready at once, in-flight requests drain up
+  to this long, the rest end with finish_reason "abort", then the process exits 0),
+  --poll_seconds (rescan the base path)
   --max_body_bytes    larger bodies are refused with 413 before parsing (4 MiB)
   --strict_fields     refuse unknown request fields (default: accept, as vLLM does)
   --metrics_names     t5like or vllm (vLLM's metric and label names)
@@ -38,6 +39,8 @@ flags.DEFINE_string('admin_token', None, 'Bearer token for /admin (default $T5LI
 flags.DEFINE_integer('num_slots', 8, 'Concurrent decode slots per model version.')
 flags.DEFINE_list('prompt_buckets', ['32', '64', '128', '256'], 'Prompt-length buckets; the '
                   'largest is the longest prompt accepted.')
+flags.DEFINE_list('prefill_batch_sizes', ['1', '4', '16'], 'Batch sizes waiting requests of one '
+                  'bucket are prefilled at (each compiled at start-up; none above --num_slots).')
 flags.DEFINE_integer('max_new_tokens', 128, 'Largest max_tokens a request may ask for.')
 flags.DEFINE_integer('max_queue', 64, 'Requests waiting for a slot before 429.')
 flags.DEFINE_float('request_timeout_s', 600.0, 'Per-request timeout (submission to last token).')
@@ -54,6 +57,16 @@ flags.DEFINE_string('log_level', 'info', 'Python / uvicorn log level.')
 log = logging.getLogger('t5like.serve')
 
 
+def _positive_ints(name: str, values) -> tuple[int, ...]:
+  try:
+    out = tuple(int(v) for v in values)
+  except ValueError:
+    out = ()
+  if not out or min(out) <= 0:
+    raise flags.ValidationError(f'--{name} must be a list of positive integers, got {values}')
+  return out
+
+
 def build_server(argv_flags=FLAGS):
   """(uvicorn.Server, registry) from the flags; the registry loads once the server runs."""
   f = argv_flags
@@ -65,7 +78,10 @@ def build_server(argv_flags=FLAGS):
   except ValueError:
     raise flags.ValidationError(f'--versions must be integers, got {f.versions}') from None
   policy = VersionPolicy(f.version_policy, f.num_latest_versions, versions)
-  engine_kwargs = dict(num_slots=f.num_slots, prompt_buckets=tuple(int(b) for b in f.prompt_buckets),
+  engine_kwargs = dict(num_slots=f.num_slots,
+                       prompt_buckets=_positive_ints('prompt_buckets', f.prompt_buckets),
+                       prefill_batch_sizes=_positive_ints('prefill_batch_sizes',
+                                                          f.prefill_batch_sizes),
                        max_new_tokens=f.max_new_tokens, max_queue=f.max_queue)
   registry = ModelRegistry(f.model_base_path, policy=policy, model_names=f.model_names,
                            engine_kwargs=engine_kwargs, drain_timeout_s=f.drain_timeout_s)

@@ -16,7 +16,9 @@ from t5like.infer.engine import (Engine, EngineError, QueueFull, Request, Reques
                                  SamplingParams)
 from random_weights import random_params
 
-KW = dict(num_slots=3, prompt_buckets=(8, 16), max_new_tokens=12, max_queue=16)
+# Prefill batches of 2 with 3 slots: bursts are prefilled both batched and alone.
+KW = dict(num_slots=3, prompt_buckets=(8, 16), max_new_tokens=12, max_queue=16,
+          prefill_batch_sizes=(2,))
 
 
 class Collector:
@@ -82,6 +84,28 @@ def test_concurrent_greedy_equals_greedy_alone(model):
     assert r.submitted_at <= r.started_at <= r.first_token_at <= r.finished_at
   s = engine.stats()
   assert s['running'] == 0 and s['waiting'] == 0 and s['slots_in_use'] == 0
+
+
+def test_a_burst_is_prefilled_in_batches_and_decodes_as_alone(model):
+  params, cfg, _ = model
+  params = jax.tree.map(lambda x: x + 0, params)   # its own copy: close() deletes it
+  engine = Engine(params, cfg, name='burst', **{**KW, 'num_slots': 6,
+                                               'prefill_batch_sizes': (1, 4, 16)})
+  assert engine.prefill_sizes == (1, 4)
+  prompts = [p for p in PROMPTS if len(p) <= 8][:5] + [PROMPTS[1]]   # 5 in bucket 8, 1 in 16
+  reqs = [request(p, max_tokens=6) for p in prompts]
+  for r, _ in reqs:   # all waiting before the device loop starts: admitted in one go
+    engine.submit(r)
+  engine.start()
+  try:
+    for (r, c), prompt in zip(reqs, prompts):
+      assert c.done.wait(120), r.id
+      assert c.tokens == greedy_alone(params, cfg, prompt)[:6], prompt
+    s = engine.stats()
+    # bucket 8: a batch of 4 and one alone; bucket 16: one alone
+    assert (s['prefill_calls'], s['prefilled']) == (3, 6), s
+  finally:
+    engine.close()
 
 
 def test_long_request_does_not_block_short_ones(model):
