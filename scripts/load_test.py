@@ -171,7 +171,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
   cmd = [sys.executable, '-m', 't5like.serve', f'--model_base_path={args.model_base_path}',
          f'--port={port}', f'--num_slots={args.num_slots}', f'--max_queue={args.num_requests}',
          f'--prompt_buckets={args.prompt_buckets}', f'--max_new_tokens={args.max_tokens}',
-         '--log_level=warning']
+         f'--prefill_batch_sizes={args.prefill_batch_sizes}', '--log_level=warning']
   proc = subprocess.Popen(cmd, env=dict(os.environ))
   url = f'http://127.0.0.1:{port}'
   deadline = time.time() + args.startup_timeout_s
@@ -215,6 +215,7 @@ def main(argv=None) -> dict:
   p.add_argument('--max_seconds', type=float, default=180, help='per level; later requests skip')
   p.add_argument('--num_slots', type=int, default=32)
   p.add_argument('--prompt_buckets', default='32')
+  p.add_argument('--prefill_batch_sizes', default='1,4,16', help="the server's flag")
   p.add_argument('--startup_timeout_s', type=float, default=600)
   p.add_argument('--out', default='', help='also write the JSON here')
   args = p.parse_args(argv)
@@ -273,6 +274,7 @@ def main(argv=None) -> dict:
   all_levels = [fresh, *after] + levels['greedy'] + levels['sampled']
   report = {
       'model': model, 'variant': args.variant or None, 'num_slots': args.num_slots,
+      'prefill_batch_sizes': args.prefill_batch_sizes if not args.url else None,
       'max_tokens': args.max_tokens, 'prompt_len': args.prompt_len,
       'num_requests': args.num_requests, 'temperature_sampled': args.temperature,
       # The 1-minute load average before the server started and at the end: other work on the
