@@ -16,6 +16,8 @@ calls alternating with ours, so the ratios come from one run and one state of th
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import statistics
 import time
@@ -163,8 +165,6 @@ def run(args) -> dict:
 
 
 def main(argv=None):
-  import argparse
-  import json
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   add_args(parser)
   args = parser.parse_args(argv)

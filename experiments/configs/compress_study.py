@@ -18,6 +18,7 @@ Args:
            the whole test split
   tiny     a t5_tiny smoke run (tests)
 """
+import dataclasses
 import os
 
 import ml_collections
@@ -31,7 +32,6 @@ FOLIO_TEACHER = 'runs/folio_pretrained'
 def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   if arg not in ('default', 'full', 'tiny'):
     raise ValueError(f'unknown compress_study config {arg!r}; choose default, full or tiny')
-  import dataclasses
   cfg = ml_collections.ConfigDict(dataclasses.asdict(study.StudyConfig()))
   if arg in ('default', 'full') and os.path.isdir(os.path.join(FOLIO_TEACHER, 'checkpoints')):
     cfg.teacher = FOLIO_TEACHER

@@ -7,6 +7,7 @@ its row number from the table, placed so that no two labels overlap.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -164,7 +165,6 @@ def table_md(results: dict) -> str:
 
 def write(results: dict, out_dir: str, metrics=('bleu', 'chrf', 'exact_match')) -> str:
   """report.md and the plots in `out_dir` (results.json is rewritten with the derived sizes)."""
-  import json
   add_derived(results)
   with open(os.path.join(out_dir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=1, sort_keys=True)

@@ -34,6 +34,7 @@ import functools
 import json
 import os
 import re
+import sys
 import tempfile
 from typing import Sequence
 
@@ -341,7 +342,6 @@ def split_pairs(split: str, cache_dir: str = '') -> tuple[list[Pair], AlignStats
 
 def main(argv=None) -> None:
   """`python -m t5like.data.folio [out.json]`: pair counts per split and play, as JSON."""
-  import sys
   argv = sys.argv[1:] if argv is None else argv
   out: dict = {'alignment_version': ALIGNMENT_VERSION, 'method': 'difflib.SequenceMatcher over '
                'spelling-normalised word keys; line groups <= %d lines, line coverage >= %.2f, '

@@ -24,6 +24,7 @@ orbax reads the training checkpoint.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -292,7 +293,6 @@ def export_from_checkpoint(workdir: str, out_dir: str, *, step: int | None = Non
 
 
 def main(argv=None) -> None:
-  import argparse
   p = argparse.ArgumentParser(description='Export a serving bundle from a t5like training workdir.')
   p.add_argument('--workdir', required=True, help='training workdir (holds checkpoints/)')
   p.add_argument('--out', required=True, help='bundle folder, e.g. models/<name>/<version>')
