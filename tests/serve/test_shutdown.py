@@ -24,7 +24,7 @@ def server(tmp_path, serve_tokenizer):
   port = free_port()
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
   cmd = [sys.executable, '-m', 't5like.serve', f'--model_base_path={base_path}', f'--port={port}',
-         '--num_slots=4', '--prompt_buckets=16', '--max_new_tokens=3000',
+         '--num_slots=4', '--prompt_buckets=16', '--max_new_tokens=30000',
          '--drain_timeout_s=3', '--log_level=warning']
   log = open(tmp_path / 'server.log', 'w')
   proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -63,7 +63,8 @@ def test_sigterm_drains_then_aborts(server):
           started[key].set()
     results[key] = (r.status_code, events)
 
-  long = threading.Thread(target=stream, args=('long', 3000))
+  # Far more tokens than a fast host decodes within the 3 s drain: it must end aborted.
+  long = threading.Thread(target=stream, args=('long', 30000))
   long.start()
   assert started['long'].wait(60)     # the long request is generating
   short = threading.Thread(target=stream, args=('short', 60))
