@@ -17,7 +17,11 @@ from t5like.serve.metrics import RequestTimer
 
 
 class TextTracker:
-  """Turns tokens into text deltas; holds back what could still become a stop string."""
+  """Turns tokens into text deltas; holds back what could still become a stop string.
+
+  Detokenises incrementally: each token decodes a short window (from the token before the last
+  committed one, so a piece's leading space is kept) instead of the whole text, and text ending in
+  an incomplete UTF-8 sequence waits for the next token."""
 
   def __init__(self, tokenizer, stop: list[str]):
     self.tok, self.stop = tokenizer, stop
@@ -27,25 +31,34 @@ class TextTracker:
     self.text = ''
     self.piece = ''          # the text the last token added (its logprob entry's "token")
     self.stopped = False
+    self._prefix = self._read = 0    # the window starts at ids[_prefix]; ids[:_read] are in text
+    self._prefix_text = ''           # decode(ids[_prefix:_read])
+
+  def _advance(self, final: bool) -> str:
+    window = self.tok.decode(self.ids[self._prefix:])
+    if not final and (len(window) <= len(self._prefix_text) or window.endswith('\ufffd')):
+      return ''
+    new = window[len(self._prefix_text):]
+    self._prefix, self._read = self._read, len(self.ids)
+    self._prefix_text = self.tok.decode(self.ids[self._prefix:self._read])
+    self.text += new
+    return new
 
   def add(self, token_id: int) -> str:
     """Appends a token; returns the new text that is safe to send."""
     self.ids.append(token_id)
-    prev, self.text = self.text, self.tok.decode(self.ids)
-    self.piece = (self.text[len(prev):] if self.text.startswith(prev)
-                  else self.tok.decode([token_id]))
+    self.piece = self._advance(final=False)
     for s in self.stop:
       i = self.text.find(s, max(0, self.sent - len(s)))
       if i >= 0:
         self.text, self.stopped = self.text[:i], True
     if self.stopped:
       return self.flush()
-    end = len(self.text) - self.hold
-    while end > self.sent and self.text[end - 1] == '\ufffd':   # an incomplete UTF-8 sequence
-      end -= 1
-    return self._take(end)
+    return self._take(len(self.text) - self.hold)
 
   def flush(self) -> str:
+    if not self.stopped and self._read < len(self.ids):
+      self._advance(final=True)
     return self._take(len(self.text))
 
   def _take(self, end: int) -> str:
@@ -102,6 +115,7 @@ class Generation:
     self.stop, self.logprobs = stop, logprobs
     self.loop = asyncio.get_running_loop()
     self.events: asyncio.Queue = asyncio.Queue()
+    self._peeked = None     # an event taken early that belongs to another choice
     self.choices: list[Choice] = []
     self.disconnected = False
 
@@ -150,24 +164,48 @@ class Generation:
     top = [(self.tok.decode([t]), float(v)) for t, v in zip(top_ids[:self.logprobs], top_lps)]
     c.logprobs.append(TokenLogprob(c.text.piece, float(lp), top))
 
+  def _ready(self):
+    """The next event if one has already arrived, else None."""
+    if self._peeked is not None:
+      event, self._peeked = self._peeked, None
+      return event
+    try:
+      return self.events.get_nowait()
+    except asyncio.QueueEmpty:
+      return None
+
+  def _token(self, c: Choice, token_id: int) -> str:
+    c.n += 1
+    delta = c.text.add(token_id)
+    self._logprob_entry(c)
+    return delta
+
   async def next(self) -> tuple[Choice, str, str | None]:
-    """(choice, text delta, finish reason or None) after the next event that matters."""
+    """(choice, text delta, finish reason or None) after the next event that matters. Tokens of
+    that choice that have already arrived join the same delta: a loop that falls behind under
+    load sends fewer, larger chunks instead of falling further behind."""
     while True:
-      index, kind, value = await self.events.get()
+      index, kind, value = self._ready() or await self.events.get()
       c = self.choices[index]
       if c.done:      # the engine's finish after a stop string (or a cancel) already reported
         continue
-      if kind == 'finish':
-        c.reason = 'stop' if c.text.stopped else str(value)
-        return c, c.text.flush(), c.reason
-      c.n += 1
-      delta = c.text.add(int(value))
-      self._logprob_entry(c)
-      if c.text.stopped:
-        self.engine.cancel(c.req)
-        c.reason = 'stop'
-        return c, delta, 'stop'
-      return c, delta, None
+      delta = ''
+      while True:
+        if kind == 'finish':
+          c.reason = 'stop' if c.text.stopped else str(value)
+          return c, delta + c.text.flush(), c.reason
+        delta += self._token(c, int(value))
+        if c.text.stopped:
+          self.engine.cancel(c.req)
+          c.reason = 'stop'
+          return c, delta, 'stop'
+        event = self._ready()
+        if event is None:
+          return c, delta, None
+        if event[0] != index:
+          self._peeked = event
+          return c, delta, None
+        _, kind, value = event
 
   async def watch(self, receive) -> None:
     """Cancels every engine request once the client disconnects."""
