@@ -179,11 +179,12 @@ def write(results: dict, out_dir: str, metrics=('bleu', 'chrf', 'exact_match')) 
   md = [f'# Compression study: {results.get("task", "")}', '',
         'Made by:', '', '```', results.get('command', '(command not recorded)'), '```', '',
         f'Machine: {results["jax"]["cpu_count"]} CPU cores, jax backend '
-        f'{results["jax"]["backend"]}. The machine was shared while the study ran: load average '
+        f'{results["jax"]["backend"]}. 1-minute load average '
         f'{_f(results["load_average_at_start"][0], ".1f")} at the start and '
-        f'{_f(results.get("load_average_at_end", [float("nan")])[0], ".1f")} at the end, so '
-        'times (technique s, tokens/s) are slower than on an idle machine; the variants were '
-        'timed alternately in one process, so their ratios hold. Wall time of the command: '
+        f'{_f(results.get("load_average_at_end", [float("nan")])[0], ".1f")} at the end (the study '
+        'itself loads the machine; more than the core count means other work shared it, and times '
+        'were slower for it); the variants were timed alternately in one process, so their ratios '
+        'hold. Wall time of the command: '
         + ' + '.join(f'{_f(w, ".0f")} s' for w in results.get('wall_s_runs', []))
         + ' (each invocation; a rerun resumes).', '',
         f'Teacher: {v.get("teacher", {}).get("source", "?")}. Every variant is scored on the same '

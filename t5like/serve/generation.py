@@ -9,7 +9,10 @@ the ASGI `http.disconnect`), so its slots are freed within one decode step.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import threading
+import weakref
 from typing import Any
 
 from t5like.infer import engine as engine_lib
@@ -107,13 +110,51 @@ class Choice:
     return out
 
 
+class LoopBridge:
+  """Calls from the engine thread onto one event loop, batched: the calls of one decode step (a
+  token for each live request) wake the loop once, not once per request."""
+
+  _by_loop: 'weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopBridge]' = (
+      weakref.WeakKeyDictionary())
+
+  def __init__(self, loop: asyncio.AbstractEventLoop):
+    self.loop = loop
+    self._pending: collections.deque = collections.deque()
+    self._lock = threading.Lock()
+    self._scheduled = False
+
+  @classmethod
+  def of_running_loop(cls) -> 'LoopBridge':
+    loop = asyncio.get_running_loop()
+    bridge = cls._by_loop.get(loop)
+    if bridge is None:
+      bridge = cls._by_loop[loop] = cls(loop)
+    return bridge
+
+  def call(self, fn, *args) -> None:
+    """fn(*args) on the loop, soon (thread-safe)."""
+    self._pending.append((fn, args))
+    with self._lock:
+      if self._scheduled:
+        return
+      self._scheduled = True
+    self.loop.call_soon_threadsafe(self._drain)
+
+  def _drain(self) -> None:
+    with self._lock:
+      self._scheduled = False
+    while self._pending:
+      fn, args = self._pending.popleft()
+      fn(*args)
+
+
 class Generation:
   """The engine requests of one HTTP request (each prompt x n choices) as one event stream."""
 
   def __init__(self, engine, tokenizer, timer_factory, *, stop: list[str], logprobs: int | None):
     self.engine, self.tok, self.timer_factory = engine, tokenizer, timer_factory
     self.stop, self.logprobs = stop, logprobs
-    self.loop = asyncio.get_running_loop()
+    self.bridge = LoopBridge.of_running_loop()
     self.events: asyncio.Queue = asyncio.Queue()
     self._peeked = None     # an event taken early that belongs to another choice
     self.choices: list[Choice] = []
@@ -127,7 +168,7 @@ class Generation:
     def on_event(kind, value):   # engine thread
       if kind == 'token':
         timer.token()
-      self.loop.call_soon_threadsafe(self.events.put_nowait, (index, kind, value))
+      self.bridge.call(self.events.put_nowait, (index, kind, value))
 
     req = engine_lib.Request(prompt_ids, params, on_event, timeout_s=timeout_s)
     c = Choice(index, req, TextTracker(self.tok, self.stop), timer, prompt_ids, prompt_index)

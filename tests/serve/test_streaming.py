@@ -1,9 +1,13 @@
-"""Incremental detokenisation: the streamed deltas add up to the whole decode, multi-byte
-characters are never split, stop strings cut where the whole text would."""
+"""Streaming plumbing: incremental detokenisation (the deltas add up to the whole decode,
+multi-byte characters are never split, stop strings cut where the whole text would) and the
+engine-to-loop bridge."""
+import asyncio
+import threading
+
 import numpy as np
 import pytest
 
-from t5like.serve.generation import TextTracker
+from t5like.serve.generation import LoopBridge, TextTracker
 
 TEXTS = ['To be, or not to be, that is the question:',
          'Café — naïve “quotes” and ñ, then 日本語 and an emoji 🙂 at the end.',
@@ -47,3 +51,33 @@ def test_stop_string_cuts_where_the_whole_text_would(serve_tokenizer):
   whole = tok.decode(ids)
   tracker, deltas = _stream(tok, ids, stop=['not to'])
   assert tracker.stopped and ''.join(deltas) == whole[:whole.index('not to')]
+
+
+def test_loop_bridge_runs_calls_in_order_on_the_loop_and_batches_wakeups():
+  async def main():
+    bridge = LoopBridge.of_running_loop()
+    assert LoopBridge.of_running_loop() is bridge
+    loop_thread = threading.get_ident()
+    got, threads, done, drains = [], set(), asyncio.Event(), [0]
+    drain = bridge._drain
+
+    def counted_drain():
+      drains[0] += 1
+      drain()
+    bridge._drain = counted_drain
+
+    def record(i):
+      got.append(i)
+      threads.add(threading.get_ident())
+
+    def producer():   # the engine thread's side
+      for i in range(2000):
+        bridge.call(record, i)
+      bridge.call(done.set)
+    t = threading.Thread(target=producer)
+    t.start()
+    await asyncio.wait_for(done.wait(), 30)
+    t.join()
+    assert got == list(range(2000)) and threads == {loop_thread}
+    assert 1 <= drains[0] < 1000, drains   # many calls per wake-up
+  asyncio.run(main())
