@@ -105,6 +105,9 @@ def make_bodies(model: str, num_requests: int, max_tokens: int, prompt_len: int,
   return [{'model': model, 'prompt': [int(t) for t in rng.integers(3, 300, prompt_len)],
            'max_tokens': max_tokens, 'temperature': temperature, 'stream': True,
            **({'seed': i} if temperature > 0 else {}),
+           # token ids in every chunk: a token whose text is still empty is streamed too, so
+           # TTFT and ITL time tokens, not visible characters
+           'return_token_ids': True,
            'stream_options': {'include_usage': True}} for i in range(num_requests)]
 
 
@@ -207,7 +210,8 @@ def main(argv=None) -> dict:
   p.add_argument('--variant', default='', help='start a server over a fresh bundle of this variant')
   p.add_argument('--model', default='', help='model name (default: the variant)')
   p.add_argument('--concurrency', default='1,4,16,32')
-  p.add_argument('--num_requests', type=int, default=64, help='per level')
+  p.add_argument('--num_requests', type=int, default=256,
+                 help='per level (a level of 16 clients then lasts a few seconds, not a fraction of one)')
   p.add_argument('--probe_requests', type=int, default=16, help='greedy 1-client TPOT probes')
   p.add_argument('--temperature', type=float, default=0.8, help='of the sampled levels')
   p.add_argument('--max_tokens', type=int, default=64)

@@ -434,7 +434,9 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
             if reason is not None and reason.startswith('error'):
               yield sse_error(reason)
               continue
-            if delta or reason is not None or (req.logprobs is not None and c.logprobs):
+            # with token ids asked for, every token is streamed, even one whose text is empty yet
+            if (delta or reason is not None or (req.logprobs is not None and c.logprobs)
+                or (req.return_token_ids and c.has_new_ids)):
               yield _sse({**meta, 'object': 'text_completion',
                           'choices': [choice_body(c, delta, reason, c.new_logprobs())]})
           if req.stream_options and req.stream_options.include_usage:
@@ -515,7 +517,7 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
               yield sse_error(reason)
               continue
             new = c.new_logprobs() if req.logprobs else []
-            if delta or reason is not None or new:
+            if delta or reason is not None or new or (req.return_token_ids and c.has_new_ids):
               yield _sse({**chunk, 'choices': [{
                   'index': c.index, 'delta': {'content': delta} if delta else {},
                   'logprobs': chat_logprobs(new) if req.logprobs else None,

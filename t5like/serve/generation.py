@@ -99,6 +99,12 @@ class Choice:
   def done(self) -> bool:
     return self.reason is not None
 
+  @property
+  def has_new_ids(self) -> bool:
+    """Tokens not yet streamed (their text may still be empty: a partial character, a lone
+    space piece)."""
+    return self.n > self._sent_ids
+
   def new_ids(self) -> list[int]:
     ids = self.text.ids[self._sent_ids:self.n]
     self._sent_ids = self.n
