@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 
 from t5like import config as config_lib
-from t5like.compress import study
+from t5like.compress import study, study_spec
 from t5like.serve import bundle
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
@@ -33,7 +33,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
-  cfg = config_lib.from_dict(study.StudyConfig, CONFIG.value.to_dict(), prefix='study')
+  cfg = config_lib.from_dict(study_spec.StudyConfig, CONFIG.value.to_dict(), prefix='study')
   if TEACHER.value:
     cfg = dataclasses.replace(cfg, teacher=TEACHER.value)
   s = study.Study(cfg, OUT.value, WORK.value, save_fn=bundle.export_bundle,

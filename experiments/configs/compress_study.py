@@ -23,7 +23,7 @@ import os
 
 import ml_collections
 
-from t5like.compress import study
+from t5like.compress import study_spec
 
 MAIN_JOB = 'runs/shakespeare_default'
 FOLIO_TEACHER = 'runs/folio_pretrained'
@@ -32,7 +32,7 @@ FOLIO_TEACHER = 'runs/folio_pretrained'
 def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   if arg not in ('default', 'full', 'tiny'):
     raise ValueError(f'unknown compress_study config {arg!r}; choose default, full or tiny')
-  cfg = ml_collections.ConfigDict(dataclasses.asdict(study.StudyConfig()))
+  cfg = ml_collections.ConfigDict(dataclasses.asdict(study_spec.StudyConfig()))
   if arg in ('default', 'full') and os.path.isdir(os.path.join(FOLIO_TEACHER, 'checkpoints')):
     cfg.teacher = FOLIO_TEACHER
   if arg in ('default', 'full') and os.path.isdir(os.path.join(MAIN_JOB, 'checkpoints')):

@@ -23,8 +23,10 @@ Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}`: 400 m
 out-of-range input (never truncated), 404 unknown model, version or route, 405 wrong method, 413
 body over `max_body_bytes`, 429 queue full (Retry-After), 503 not available or shutting down, 504
 a non-streaming request past its timeout (a stream ends with finish_reason "timeout"), 500 an error
-inside one request (the server carries on). Bodies are parsed, validated and tokenised in worker
-threads: the event loop only routes and streams. Public answers name no filesystem path.
+inside one request (the server carries on). Bodies over INLINE_BODY_BYTES are parsed, validated
+and tokenised in worker threads, so the loop never blocks on them. Public answers name no
+filesystem path. The ASGI layers around the routes (body limit, response counts, guarded routes)
+are t5like.serve.middleware.
 """
 from __future__ import annotations
 
@@ -43,7 +45,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -53,6 +54,7 @@ from t5like.serve import schemas
 from t5like.serve.chat import ChatTemplateError
 from t5like.serve.generation import Generation, TokenLogprob
 from t5like.serve.metrics import OTHER_MODEL, ServerMetrics
+from t5like.serve.middleware import BodyLimit, GuardedRoute, ResponseCounting, error_response
 from t5like.serve.schemas import ApiError
 
 log = logging.getLogger(__name__)
@@ -73,10 +75,6 @@ def split_model(model: str) -> tuple[str, int | None]:
   return model, None
 
 
-def error_response(e: ApiError) -> JSONResponse:
-  return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-
 _ABS_PATH = re.compile(r"(?<![\w.~-])/[^\s'\"():,;]+")
 
 
@@ -89,95 +87,6 @@ def public_message(message: str, base_path: str) -> str:
     p = m.group(0)
     return p[len(base):] if p.startswith(base) else '<path>'
   return _ABS_PATH.sub(sub, message)
-
-
-# ---- ASGI middleware -----------------------------------------------------------------------------
-
-class _BodyLimit:
-  """Refuses bodies over `limit` bytes with 413 before anything parses them (Content-Length
-  checked first; a chunked body is counted as it arrives). The body is then replayed to the app;
-  later `receive` calls go to the server (disconnect detection)."""
-
-  def __init__(self, app, limit: int):
-    self.app, self.limit = app, limit
-
-  async def __call__(self, scope, receive, send):
-    if scope['type'] != 'http' or scope['method'] in ('GET', 'HEAD', 'OPTIONS'):
-      return await self.app(scope, receive, send)
-    too_big = ApiError(413, f'the request body is over the server\'s limit of {self.limit} bytes '
-                       '(--max_body_bytes); send a smaller body', None, 'body_too_large')
-    declared = dict(scope.get('headers') or ()).get(b'content-length')
-    if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-      if not declared.isdigit():
-        too_big = ApiError(400, 'Content-Length is not a number')
-      return await error_response(too_big)(scope, receive, send)
-    chunks, size = [], 0
-    while True:
-      msg = await receive()
-      if msg['type'] == 'http.disconnect':
-        return
-      size += len(msg.get('body', b''))
-      if size > self.limit:
-        return await error_response(too_big)(scope, receive, send)
-      chunks.append(msg.get('body', b''))
-      if not msg.get('more_body'):
-        break
-    replayed = False
-
-    async def replay():
-      nonlocal replayed
-      if not replayed:
-        replayed = True
-        return {'type': 'http.request', 'body': b''.join(chunks), 'more_body': False}
-      return await receive()
-    return await self.app(scope, replay, send)
-
-
-class _Counting:
-  """Counts every response by model, version, route and status. The model label is a loaded
-  model's name or OTHER_MODEL: no client string reaches a label."""
-
-  def __init__(self, app, metrics: ServerMetrics, is_model):
-    self.app, self.metrics, self.is_model = app, metrics, is_model
-
-  async def __call__(self, scope, receive, send):
-    if scope['type'] != 'http':
-      return await self.app(scope, receive, send)
-    status = {}
-
-    async def wrapped(message):
-      if message['type'] == 'http.response.start':
-        status['code'] = message['status']
-      await send(message)
-
-    try:
-      await self.app(scope, receive, wrapped)
-    finally:
-      route = scope.get('route')
-      endpoint = getattr(route, 'path', None) or 'unmatched'
-      model = scope.get('t5like.model', '')
-      if model and not self.is_model(model):
-        model = OTHER_MODEL
-      self.metrics.requests.labels(model, scope.get('t5like.version', ''), endpoint,
-                                   str(status.get('code', 500))).inc()
-
-
-class _GuardedRoute(APIRoute):
-  """Turns an unexpected exception inside a route into that request's 500 (OpenAI's shape); the
-  connection and the server carry on."""
-
-  def get_route_handler(self):
-    handler = super().get_route_handler()
-
-    async def guarded(request: Request):
-      try:
-        return await handler(request)
-      except (ApiError, StarletteHTTPException, RequestValidationError):
-        raise
-      except Exception as e:
-        log.exception('request failed')
-        raise ApiError(500, f'internal error: {type(e).__name__}: {e}') from None
-    return guarded
 
 
 # ---- the app -------------------------------------------------------------------------------------
@@ -201,12 +110,12 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
     yield
 
   app = FastAPI(title='t5like', version='1', lifespan=lifespan, docs_url=None, redoc_url=None)
-  app.router.route_class = _GuardedRoute
+  app.router.route_class = GuardedRoute
   app.state.registry, app.state.metrics = registry, metrics
   registry.load_failure_hooks.append(
       lambda name, kind: metrics.load_failures.labels(name, kind).inc())
-  app.add_middleware(_BodyLimit, limit=max_body_bytes)
-  app.add_middleware(_Counting, metrics=metrics, is_model=registry.is_model)
+  app.add_middleware(BodyLimit, limit=max_body_bytes)
+  app.add_middleware(ResponseCounting, metrics=metrics, is_model=registry.is_model)
 
   def public(message: str) -> str:
     return public_message(message, registry.base_path)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from t5like.compress import distill as D
-from t5like.compress import prune, study, study_measure, study_report, surgery
+from t5like.compress import prune, study, study_measure, study_report, study_spec, surgery
 from t5like.config import get_variant
 from t5like.data import corpus
 from t5like.data import tokenizer as tokenizer_lib
@@ -43,7 +43,7 @@ def toy_study(tmp_path_factory):
 
 
 def _config(root, teacher, **kw):
-  return study.StudyConfig(
+  return study_spec.StudyConfig(
       task='toy', task_files=(str(root / 'tasks.json'),), teacher=teacher, teacher_step='latest',
       batch_size=8, inputs_length=32, targets_length=32, finetune_steps=2,
       calibration_batches=1, test_examples=12, eval_batch_size=4, validation_batches=1,
@@ -88,7 +88,7 @@ def test_study_end_to_end_every_variant(toy_study, tmp_path):
   s = study.Study(cfg, str(tmp_path / 'out'), str(tmp_path / 'work'),
                   save_fn=bundle.export_bundle, command='pytest', print_fn=lambda _: None)
   results = s.run()
-  names = {v.name for v in study.variants(cfg)}
+  names = {v.name for v in study_spec.variants(cfg)}
   assert set(results['variants']) == names
   for name, rec in results['variants'].items():
     assert 'test' in rec, name
@@ -199,6 +199,6 @@ def test_pareto_frontier():
 
 def test_study_config_errors_name_the_field():
   with pytest.raises(Exception, match='study.sparsities'):
-    study.StudyConfig(sparsities=(0.5,))
+    study_spec.StudyConfig(sparsities=(0.5,))
   with pytest.raises(Exception, match='study.only'):
-    study.selected(study.StudyConfig(only=('nonexistent',)))
+    study_spec.selected(study_spec.StudyConfig(only=('nonexistent',)))
