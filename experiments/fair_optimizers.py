@@ -33,8 +33,8 @@ a momentum trace after it, which is linear), so scaling the unit-rate update by 
 library optimiser at rate lr_t. For the sweep the inner optimiser keeps the cosine shape and the
 table holds the constant peak rate (exact for all); for the schedules phase the inner schedule is
 constant and the table holds `make_schedule(config)` at every step (exact except for LARS, whose
-momentum would then see the rate: LARS keeps its own schedule). `check_equivalence` verifies every
-combination against `make_optimizer(config)` on a small tree before any run. Steps, evaluation,
+momentum would then see the rate: LARS keeps its own schedule); see t5like.optim.lr_table, whose
+`check_equivalence` verifies every combination against `make_optimizer(config)` on a small tree before any run. Steps, evaluation,
 data and decoding are the library's (`t5like.train.step`, `t5like.data.pipeline` /
 `task_pipeline`, `t5like.train.evaluation`).
 
@@ -47,7 +47,7 @@ import json
 import math
 import os
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -64,6 +64,7 @@ from t5like.data import tokenizer as tokenizer_lib
 from t5like.data.tasks import Registry
 from t5like.models import build_model
 from t5like.optim import adaptive, make_optimizer, make_schedule
+from t5like.optim.lr_table import check_equivalence, plan, scale_by_lr_table, with_table
 from t5like.parallel.mesh import get_rules, make_mesh
 from t5like.train import evaluation
 from t5like.train import fair_report
@@ -83,93 +84,6 @@ PHASES = ('sweep', 'seeds', 'schedules', 'folio', 'augment', 'precision', 'repor
 
 def log(msg: str) -> None:
   print(f'[{time.strftime("%H:%M:%S")}] {msg}', flush=True)
-
-
-# ----------------------------------------------------------------------------- the lr multiplier
-
-class LrTableState(NamedTuple):
-  table: jax.Array      # f32 [num_steps]: the multiplier of update t
-  count: jax.Array      # int32 updates so far
-
-
-def scale_by_lr_table(num_steps: int) -> optax.GradientTransformation:
-  """Multiplies update t by `table[t]` (the last entry after the table ends); the table is data
-  in the state, so one compiled step serves every rate."""
-  def init(params):
-    del params
-    return LrTableState(jnp.ones([num_steps], jnp.float32), jnp.zeros([], jnp.int32))
-
-  def update(updates, state, params=None):
-    del params
-    lr = state.table[jnp.minimum(state.count, num_steps - 1)]
-    return (jax.tree.map(lambda u: u * lr.astype(u.dtype), updates),
-            LrTableState(state.table, state.count + 1))
-
-  return optax.GradientTransformation(init, update)
-
-
-def with_table(opt_state, table):
-  """The optimizer state (a chain: inner, LrTableState) with the multiplier table replaced."""
-  inner, last = opt_state
-  return (inner, LrTableState(jnp.asarray(table, jnp.float32), last.count))
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """How one run's optimizer is realised: `inner` (compiled) and the multiplier `table`."""
-  inner: config_lib.OptimConfig
-  table: np.ndarray
-
-
-def plan(optim: config_lib.OptimConfig, num_steps: int, tabulate_schedule: bool) -> Plan:
-  """The inner unit-rate optimizer and the table for `optim` (module docstring)."""
-  lr = optim.learning_rate
-  if tabulate_schedule and optim.name != 'lars':
-    table = np.asarray(jax.device_get(make_schedule(optim, num_steps)(jnp.arange(num_steps))),
-                       np.float32)
-    inner = dataclasses.replace(optim, learning_rate=1.0, schedule='constant', warmup_steps=0)
-  else:
-    table = np.full([num_steps], lr, np.float32)
-    inner = dataclasses.replace(optim, learning_rate=1.0)
-  return Plan(inner, table)
-
-
-def check_equivalence(optim: config_lib.OptimConfig, p: Plan, num_steps: int) -> float:
-  """Max relative parameter difference after `num_steps` updates (on a small quadratic, with
-  gradients that vary) between `make_optimizer(optim)` and the plan; raises above 1e-4."""
-  key = jax.random.key(0)
-  params = {'a': {'kernel': jax.random.normal(key, (8, 4))},
-            'b': {'scale': jnp.linspace(0.5, 1.5, 6)}}
-  target = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape),
-                        params)
-
-  def loss(ps, t):
-    return sum(jnp.sum((1.0 + 0.1 * t) * (a - b) ** 2) for a, b in
-               zip(jax.tree.leaves(ps), jax.tree.leaves(target)))
-
-  def run(tx, state_fn):
-    @jax.jit
-    def step(ps, st, t):
-      up, st = tx.update(jax.grad(loss)(ps, t), st, ps)
-      return optax.apply_updates(ps, up), st
-
-    ps, st = params, state_fn(tx.init(params))
-    for t in range(num_steps):
-      ps, st = step(ps, st, jnp.float32(t))
-    return ps
-
-  direct = run(make_optimizer(optim, None, num_steps), lambda s: s)
-  tx = optax.chain(make_optimizer(p.inner, None, num_steps), scale_by_lr_table(num_steps))
-  planned = run(tx, lambda s: with_table(s, p.table))
-  moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(direct),
-                                                          jax.tree.leaves(params)))
-  diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(direct),
-                                                         jax.tree.leaves(planned)))
-  rel = diff / max(moved, 1e-12)
-  if rel > 1e-4:
-    raise AssertionError(f'the lr-table realisation of {optim.name}/{optim.schedule} differs from '
-                         f'make_optimizer by {rel:.2e} (relative to the parameter change)')
-  return rel
 
 
 # ----------------------------------------------------------------------------- data
