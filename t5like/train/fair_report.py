@@ -147,6 +147,13 @@ def markdown(d: dict, xcfg) -> str:
   return '\n'.join(out) + '\n'
 
 
+def _save(plt, fig, path: str) -> str:
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def _ylim(ax, values, pad=0.08):
   v = np.asarray([x for x in values if x is not None and np.isfinite(x)])
   if v.size:
@@ -190,10 +197,7 @@ def plots(d: dict, results: str) -> list[str]:
       _ylim(ax, vals)
       ax.legend(fontsize=8)
       ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(os.path.join(results, 'fair_optimizers.png'))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, os.path.join(results, 'fair_optimizers.png')))
   if 'schedules' in d:
     names = sorted({r['optimizer'] for r in d['schedules'].values()})
     fig, axes = plt.subplots(1, 1 + len(names), figsize=(6 * (1 + len(names)), 5.5))
@@ -221,10 +225,7 @@ def plots(d: dict, results: str) -> list[str]:
       ax.set(xlabel='step', ylabel='effective learning rate (seed 0)', title=f'{n}: schedules')
       ax.legend(fontsize=8)
       ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(os.path.join(results, 'fair_schedules.png'))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, os.path.join(results, 'fair_schedules.png')))
   if 'augment' in d or 'precision' in d:
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
     if 'augment' in d:
@@ -256,10 +257,7 @@ def plots(d: dict, results: str) -> list[str]:
       _ylim(ax, vals)
       ax.legend(fontsize=8)
       ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(os.path.join(results, 'fair_folio.png'))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, os.path.join(results, 'fair_folio.png')))
   return paths
 
 
