@@ -37,7 +37,10 @@ setup(
         # Workdirs and corpora on Google Cloud Storage (gs://) through etils.epath's fsspec backend.
         'cloud': ['gcsfs>=2024.6'],
         'parity': ['torch==2.13.0', 'transformers>=5,<6'],
-        'serve': ['fastapi>=0.115,<1', 'uvicorn>=0.30,<1', 'prometheus_client>=0.21,<1',
+        # httptools and uvloop: uvicorn's C HTTP parser and event loop, used when installed; less
+        # CPU per streamed token than h11 and asyncio (experiments/results/serving/ab/)
+        'serve': ['fastapi>=0.115,<1', 'uvicorn>=0.30,<1', 'httptools>=0.6,<1', 'uvloop>=0.21,<1',
+                  'prometheus_client>=0.21,<1',
                   'httpx>=0.28,<1', 'openai>=1.50,<4', 'flatbuffers>=24,<26',
                   'jinja2>=3.1,<4', 'pydantic>=2.7,<3'],
     },

@@ -21,6 +21,7 @@ trains and writes the model; the others wait for it (a barrier) and load it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -150,6 +151,30 @@ class Tokenizer:
     if run:
       out.append(self._sp.decode(run))
     return ''.join(out)
+
+  @functools.cached_property
+  def piece_texts(self) -> tuple[list[str], list[str | None]]:
+    """(alone, appended) per SentencePiece id: `decode([i])`, and the text piece i adds after
+    complete, non-empty text where that does not depend on what came before (a normal piece: its
+    text with '▁' as spaces), else None (byte, control, unknown and unused pieces). Both come
+    from SentencePiece's own decoder, so incremental detokenisation can look a token's text up
+    instead of decoding each token."""
+    sp, n = self._sp, self.sp_size
+    alone = sp.decode([[i] for i in range(n)])
+    normal = [i for i in range(3, n) if not (sp.is_byte(i) or sp.is_control(i)
+                                             or sp.is_unknown(i) or sp.is_unused(i))]
+    anchors = [i for i in normal if alone[i].strip()][:2]
+    appended: list[str | None] = [None] * n
+    if len(anchors) < 2:
+      return alone, appended
+    after = [sp.decode([[a, i] for i in normal]) for a in anchors]
+    for k, i in enumerate(normal):
+      texts = {after[j][k][len(alone[a]):] for j, a in enumerate(anchors)}
+      text = texts.pop()
+      # the same after two different anchors: the piece's text is independent of its left side
+      if not texts and text and '\ufffd' not in text:
+        appended[i] = text
+    return alone, appended
 
   def id_to_piece(self, token_id: int) -> str:
     if self.is_sentinel(token_id):

@@ -12,6 +12,8 @@
   --max_body_bytes    larger bodies are refused with 413 before parsing (4 MiB)
   --strict_fields     refuse unknown request fields (default: accept, as vLLM does)
   --metrics_names     t5like or vllm (vLLM's metric and label names)
+  --http, --loop      uvicorn's HTTP parser and event loop (default: httptools and uvloop, the
+                      serve extra's, the C ones; h11 / asyncio are pure Python and slower)
 """
 from __future__ import annotations
 
@@ -53,6 +55,10 @@ flags.DEFINE_bool('strict_fields', False, 'Refuse unknown request fields with 40
 flags.DEFINE_enum('metrics_names', 't5like', ['t5like', 'vllm'], 'Metric names on /metrics: '
                   "t5like's, or vLLM's (vllm: prefix, model_name label) for existing dashboards.")
 flags.DEFINE_string('log_level', 'info', 'Python / uvicorn log level.')
+flags.DEFINE_enum('http', 'auto', ['auto', 'h11', 'httptools'], "uvicorn's HTTP/1.1 "
+                  'implementation (auto: httptools when installed, as the serve extra does).')
+flags.DEFINE_enum('loop', 'auto', ['auto', 'asyncio', 'uvloop'], "uvicorn's event loop (auto: "
+                  'uvloop when installed, as the serve extra does).')
 
 log = logging.getLogger('t5like.serve')
 
@@ -92,7 +98,7 @@ def build_server(argv_flags=FLAGS):
                    load_on_startup=True, max_body_bytes=f.max_body_bytes,
                    strict_fields=f.strict_fields, metrics_names=f.metrics_names)
   config = uvicorn.Config(app, host=f.host, port=f.port, log_level=f.log_level,
-                          timeout_graceful_shutdown=5, access_log=False)
+                          http=f.http, loop=f.loop, timeout_graceful_shutdown=5, access_log=False)
   return _DrainingServer(config, registry, f.drain_timeout_s), registry
 
 

@@ -152,13 +152,14 @@ class RequestTimer:
 
   def __init__(self, m: ServerMetrics, model: str, version: str):
     self.m, self.labels = m, (model, version)
+    self._itl = m.itl.labels(model, version)    # looked up once, not per token
     self.last_token_at: float | None = None
     self.tokens = 0
 
   def token(self) -> None:
     now = time.monotonic()
     if self.last_token_at is not None:
-      self.m.itl.labels(*self.labels).observe(now - self.last_token_at)
+      self._itl.observe(now - self.last_token_at)
     self.last_token_at = now
     self.tokens += 1
 
