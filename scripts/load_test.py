@@ -11,17 +11,21 @@ the bundled corpus) to a temporary base path and serves it. The server starts fr
    then twice a burst of sampled traffic (16 clients) followed by the same greedy probe; the TPOT
    ratio is the mean of the after-burst probes' p50 TPOT over the fresh one's (1.0: idle slots
    that last held sampled requests cost nothing; the ratio of means is reported too).
-2. For each concurrency (1, 4, 16, 32) a greedy and a sampled (`--temperature`) level, alternating,
-   each of `--num_requests` streaming completions with that many in flight; every level sends the
-   same prompts (random ids of `--prompt_len`).
+2. `--rounds` rounds, each going through every concurrency (1, 4, 16, 32) with a greedy and a
+   sampled (`--temperature`) level, alternating: each level is `--num_requests` streaming
+   completions with that many in flight, and every level sends the same prompts (random ids of
+   `--prompt_len`). Rounds keep the levels that are compared close in time: a host whose speed
+   drifts over minutes skews a ratio of levels run far apart.
 
 Per level, as vLLM's benchmark_serving defines them: request throughput (completed / duration),
 output tokens/s (sum of completion tokens / duration), TTFT (request sent -> first streamed token),
 TPOT ((latency - TTFT) / (output tokens - 1), for requests with more than one token) and ITL (time
-between consecutive streamed tokens), each mean, p50 and p99 in milliseconds, and failures. Counts
-are cross-checked against the deltas of the server's /metrics. `ok`: no request failed, every
-cross-check holds, 16 clients reach at least 8x the output tokens/s of 1 client (greedy and
-sampled), and the fresh-vs-after-burst TPOT ratio is within 1.2.
+between consecutive streamed tokens), each mean, p50 and p99 in milliseconds, and failures, over
+all rounds (tokens and durations summed, latencies pooled; tokens/s of each round kept beside).
+Counts are cross-checked against the deltas of the server's /metrics. The 16-vs-1 speedup is the
+median over rounds of that round's ratio. `ok`: no request failed, every cross-check holds, 16
+clients reach at least 8x the output tokens/s of 1 client (greedy and sampled), and the
+fresh-vs-after-burst TPOT ratio is within 1.2.
 """
 from __future__ import annotations
 
@@ -69,63 +73,117 @@ def stats_ms(xs) -> dict:
           'p99': float(np.percentile(a, 99))}
 
 
-class StreamClient:
-  """One keep-alive HTTP/1.1 connection that POSTs JSON and reads the SSE answer as it arrives.
+class _ResponseReader(asyncio.Protocol):
+  """Parses HTTP/1.1 responses (chunked or Content-Length) as bytes arrive, stamping each SSE
+  event with the time its bytes came in; one response at a time."""
 
-  Written on asyncio streams rather than httpx: on a 2-core host the client shares the CPU with
-  the server, and httpx's per-line stream machinery cost about as much CPU per token as the
-  server itself, which measured the client more than the server."""
+  def __init__(self):
+    self.transport = None
+    self.closed = False
+    self._buf = bytearray()
+    self._done: asyncio.Future | None = None
+
+  def connection_made(self, transport):
+    self.transport = transport
+
+  def expect(self) -> asyncio.Future:
+    """Resets for the next response; the future gets (status, headers, events, body)."""
+    self._done = asyncio.get_running_loop().create_future()
+    self._state, self._status, self._hdrs, self._need = 'head', 0, {}, 0
+    self._events, self._sse, self._body = [], b'', bytearray()
+    return self._done
+
+  def connection_lost(self, exc):
+    self.closed = True
+    if self._done is not None and not self._done.done():
+      self._done.set_exception(ConnectionError(f'connection closed mid-response ({exc})'))
+
+  def data_received(self, data: bytes) -> None:
+    now = time.perf_counter()
+    self._buf += data
+    try:
+      while self._done is not None and not self._done.done() and self._step(now):
+        pass
+    except ValueError as e:   # a malformed response: fail this request, not the run
+      self._done.set_exception(e)
+      self.transport.close()
+
+  def _step(self, now: float) -> bool:
+    """Consumes one element of the response if it has fully arrived."""
+    buf = self._buf
+    if self._state in ('head', 'size', 'trailer'):
+      end = buf.find(b'\r\n\r\n' if self._state == 'head' else b'\r\n')
+      if end < 0:
+        return False
+      line = bytes(buf[:end])
+      del buf[:end + (4 if self._state == 'head' else 2)]
+      if self._state == 'head':
+        lines = line.decode('latin-1').split('\r\n')
+        self._status = int(lines[0].split()[1])
+        self._hdrs = {k.strip().lower(): v.strip()
+                      for k, _, v in (l.partition(':') for l in lines[1:] if l)}
+        if self._hdrs.get('transfer-encoding', '').lower() == 'chunked':
+          self._state = 'size'
+        else:
+          self._state, self._need = 'data', int(self._hdrs.get('content-length', 0))
+      elif self._state == 'size':
+        size = int(line.split(b';')[0], 16)
+        self._state, self._need = ('trailer', 0) if size == 0 else ('chunk', size + 2)
+      else:
+        self._finish()
+      return True
+    if len(buf) < self._need:
+      return False
+    piece = bytes(buf[:self._need])
+    del buf[:self._need]
+    if self._state == 'data':
+      self._body += piece
+      self._finish()
+      return True
+    self._body += piece[:-2]
+    self._sse += piece[:-2]
+    *events, self._sse = self._sse.split(b'\n\n')
+    self._events += [(now, e[6:].decode()) for e in events if e.startswith(b'data: ')]
+    self._state = 'size'
+    return True
+
+  def _finish(self) -> None:
+    self._done.set_result((self._status, self._hdrs, self._events, bytes(self._body)))
+
+
+class StreamClient:
+  """One keep-alive HTTP/1.1 connection that POSTs JSON and reads the SSE answer.
+
+  A protocol on the event loop rather than httpx or asyncio streams: on a 2-core host the client
+  shares the CPU with the server, and httpx's per-line stream machinery cost about as much CPU per
+  token as the server itself, which measured the client more than the server. Each event keeps the
+  time its bytes arrived; they are parsed as JSON after the response, off the timed path."""
 
   def __init__(self, host: str, port: int, timeout: float):
     self.host, self.port, self.timeout = host, port, timeout
-    self.reader = self.writer = None
+    self.transport = self._reader = None
 
   async def close(self) -> None:
-    if self.writer is not None:
-      self.writer.close()
-      self.reader = self.writer = None
+    if self.transport is not None:
+      self.transport.close()
+      self.transport = self._reader = None
 
-  async def _head(self, path: str, payload: bytes) -> tuple[int, dict]:
-    if self.writer is None:
-      self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-    self.writer.write(f'POST {path} HTTP/1.1\r\nHost: {self.host}\r\n'
-                      f'Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n'
-                      f'\r\n'.encode() + payload)
-    head = await self.reader.readuntil(b'\r\n\r\n')
-    lines = head.decode('latin-1').split('\r\n')
-    status = int(lines[0].split()[1])
-    hdrs = {k.strip().lower(): v.strip() for k, _, v in (l.partition(':') for l in lines[1:] if l)}
-    return status, hdrs
-
-  async def _chunks(self, hdrs: dict):
-    """The body's pieces as they arrive (chunked or Content-Length framing)."""
-    if hdrs.get('transfer-encoding', '').lower() == 'chunked':
-      while True:
-        size = int((await self.reader.readuntil(b'\r\n')).split(b';')[0], 16)
-        data = await self.reader.readexactly(size + 2)
-        if size == 0:
-          return
-        yield data[:-2]
-    else:
-      yield await self.reader.readexactly(int(hdrs.get('content-length', 0)))
-
-  async def stream(self, path: str, body: dict):
-    """(arrival time, SSE data string) for each event; raises ValueError on a non-200 answer."""
-    status, hdrs = await self._head(path, json.dumps(body).encode())
+  async def post(self, path: str, body: dict) -> list[tuple[float, str]]:
+    """(arrival time, SSE data string) of each event; ValueError on a non-200 answer."""
+    if self._reader is None or self._reader.closed:
+      self.transport, self._reader = await asyncio.get_running_loop().create_connection(
+          _ResponseReader, self.host, self.port)
+    payload = json.dumps(body).encode()
+    done = self._reader.expect()
+    self.transport.write(f'POST {path} HTTP/1.1\r\nHost: {self.host}\r\n'
+                         f'Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n'
+                         f'\r\n'.encode() + payload)
+    status, hdrs, events, raw = await done
+    if status != 200 or hdrs.get('connection', '').lower() == 'close':
+      await self.close()
     if status != 200:
-      text = b''.join([c async for c in self._chunks(hdrs)])
-      await self.close()
-      raise ValueError(f'HTTP {status}: {text[:200]!r}')
-    buf = b''
-    async for data in self._chunks(hdrs):
-      now = time.perf_counter()
-      buf += data
-      *events, buf = buf.split(b'\n\n')
-      for e in events:
-        if e.startswith(b'data: '):
-          yield now, e[6:].decode()
-    if hdrs.get('connection', '').lower() == 'close':
-      await self.close()
+      raise ValueError(f'HTTP {status}: {raw[:200]!r}')
+    return events
 
 
 async def one_request(client: StreamClient, body: dict) -> dict:
@@ -133,7 +191,8 @@ async def one_request(client: StreamClient, body: dict) -> dict:
   times, usage, error = [], None, None
   try:
     async with asyncio.timeout(client.timeout):
-      async for now, data in client.stream('/v1/completions', body):
+      events = await client.post('/v1/completions', body)
+      for now, data in events:
         if data == '[DONE]':
           continue
         chunk = json.loads(data)
@@ -143,11 +202,10 @@ async def one_request(client: StreamClient, body: dict) -> dict:
           usage = chunk['usage']
         elif chunk['choices']:
           times.append(now)
-  except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-          ValueError) as e:
+  except (OSError, TimeoutError, ValueError) as e:
     await client.close()
     return {'ok': False, 'error': f'{type(e).__name__}: {e}'}
-  end = time.perf_counter()
+  end = events[-1][0] if events else time.perf_counter()   # the last bytes' arrival
   if error or usage is None or not times:
     return {'ok': False, 'error': error or 'no usage / no tokens'}
   # The last chunk carries the finish reason; a stop at EOS adds no token of its own.
@@ -172,7 +230,8 @@ def make_bodies(model: str, num_requests: int, max_tokens: int, prompt_len: int,
 
 
 async def run_level(url: str, bodies: list[dict], concurrency: int, max_seconds: float) -> dict:
-  """`concurrency` clients, each on its own connection, take the next body until none is left."""
+  """`concurrency` clients, each on its own connection, take the next body until none is left.
+  The raw results; `summarize` turns runs of a level into its figures."""
   deadline = time.perf_counter() + max_seconds
   u = urlparse(url)
   todo = collections.deque(enumerate(bodies))
@@ -189,28 +248,46 @@ async def run_level(url: str, bodies: list[dict], concurrency: int, max_seconds:
 
   t0, cpu0 = time.perf_counter(), time.process_time()
   await asyncio.gather(*(worker() for _ in range(concurrency)))
-  duration, client_cpu = time.perf_counter() - t0, time.process_time() - cpu0
-  done = [r for r in results if r is not None]
+  return {'concurrency': concurrency, 'temperature': bodies[0]['temperature'],
+          'duration_s': time.perf_counter() - t0,
+          # the client shares the host's CPUs with the server
+          'client_cpu_s': time.process_time() - cpu0,
+          'results': [r for r in results if r is not None]}
+
+
+def _tokens(results) -> int:
+  return sum(r['output_tokens'] for r in results if r['ok'])
+
+
+def summarize(runs: list[dict]) -> dict:
+  """One level's figures over its runs (rounds): counts and durations summed, latencies pooled."""
+  done = [r for run in runs for r in run['results']]
   ok = [r for r in done if r['ok']]
-  out_tokens = sum(r['output_tokens'] for r in ok)
-  return {
-      'concurrency': concurrency, 'temperature': bodies[0]['temperature'],
-      'requests': len(done), 'completed': len(ok),
+  duration = sum(run['duration_s'] for run in runs)
+  out_tokens = _tokens(done)
+  level = {
+      'concurrency': runs[0]['concurrency'], 'temperature': runs[0]['temperature'],
+      'rounds': len(runs), 'requests': len(done), 'completed': len(ok),
       'failed': len(done) - len(ok), 'errors': sorted({r['error'] for r in done if not r['ok']})[:5],
       'duration_s': duration, 'request_throughput': len(ok) / duration,
       'output_tokens': out_tokens, 'output_tokens_per_s': out_tokens / duration,
+      'output_tokens_per_s_by_round': [_tokens(run['results']) / run['duration_s'] for run in runs],
       'prompt_tokens': sum(r['prompt_tokens'] for r in ok),
       'ttft_ms': stats_ms([r['ttft'] for r in ok]),
       'tpot_ms': stats_ms([(r['latency'] - r['ttft']) / (r['output_tokens'] - 1) for r in ok
                            if r['output_tokens'] > 1]),
       'itl_ms': stats_ms([x for r in ok for x in r['itl']]),
       'e2e_latency_ms': stats_ms([r['latency'] for r in ok]),
-      # the client shares the host's CPUs with the server
-      'client_cpu_s': client_cpu,
+      'client_cpu_s': sum(run['client_cpu_s'] for run in runs),
   }
+  checks = [run['metrics_check'] for run in runs if 'metrics_check' in run]
+  if checks:
+    level['metrics_check'] = {'match': all(c['match'] for c in checks), 'by_round': checks}
+  return level
 
 
 def check_metrics(before: dict, after: dict, level: dict, model: str) -> dict:
+  """The server's counters moved by what the client counted (`level`: `summarize`'s)."""
   d = lambda name, **lb: total(after, name, **lb) - total(before, name, **lb)
   got = {'requests_200': d('t5like_requests_total', model=model, endpoint='/v1/completions',
                            status='200'),
@@ -259,16 +336,19 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
   raise SystemExit(f'server not ready within {args.startup_timeout_s}s')
 
 
-def measure(url: str, model: str, bodies: list[dict], concurrency: int, max_seconds: float):
+def measure(url: str, model: str, bodies: list[dict], concurrency: int,
+            max_seconds: float) -> dict:
+  """One run of a level, its counts cross-checked against the server's metrics."""
   before = scrape(url)
-  level = asyncio.run(run_level(url, bodies, concurrency, max_seconds))
+  run = asyncio.run(run_level(url, bodies, concurrency, max_seconds))
   time.sleep(0.2)   # the server records a request just after its last byte
-  level['metrics_check'] = check_metrics(before, scrape(url), level, model)
+  level = summarize([run])
+  run['metrics_check'] = check_metrics(before, scrape(url), level, model)
   print(f'concurrency {concurrency} T={bodies[0]["temperature"]}: '
         f'{level["output_tokens_per_s"]:.0f} output tok/s, TPOT p50 '
         f'{level["tpot_ms"]["p50"]:.2f} ms, {level["failed"]} failed, metrics match: '
-        f'{level["metrics_check"]["match"]}', file=sys.stderr)
-  return level
+        f'{run["metrics_check"]["match"]}', file=sys.stderr)
+  return run
 
 
 def main(argv=None) -> dict:
@@ -278,6 +358,7 @@ def main(argv=None) -> dict:
   p.add_argument('--variant', default='', help='start a server over a fresh bundle of this variant')
   p.add_argument('--model', default='', help='model name (default: the variant)')
   p.add_argument('--concurrency', default='1,4,16,32')
+  p.add_argument('--rounds', type=int, default=3, help='passes over every level, alternating')
   p.add_argument('--num_requests', type=int, default=256,
                  help='per level (a level of 16 clients then lasts a few seconds, not a fraction of one)')
   p.add_argument('--probe_requests', type=int, default=16, help='greedy 1-client TPOT probes')
@@ -316,21 +397,22 @@ def main(argv=None) -> dict:
   probe = greedy[:args.probe_requests]
   try:
     # 1. Greedy TPOT on the fresh server, then after bursts of sampled traffic.
-    fresh = measure(url, model, probe, 1, args.max_seconds)
+    fresh = summarize([measure(url, model, probe, 1, args.max_seconds)])
     after = []
     for _ in range(2):
       measure(url, model, sampled[:32], 16, args.max_seconds)
-      after.append(measure(url, model, probe, 1, args.max_seconds))
+      after.append(summarize([measure(url, model, probe, 1, args.max_seconds)]))
     # p50s: robust to the stalls of a shared machine; the means are kept beside them.
     ratio = (float(np.mean([a['tpot_ms']['p50'] for a in after])) / fresh['tpot_ms']['p50']
              if fresh['tpot_ms']['p50'] else None)
     ratio_mean = (float(np.mean([a['tpot_ms']['mean'] for a in after])) / fresh['tpot_ms']['mean']
                   if fresh['tpot_ms']['mean'] else None)
-    # 2. Greedy and sampled levels, alternating.
-    levels = {'greedy': [], 'sampled': []}
-    for c in concurrency:
-      levels['greedy'].append(measure(url, model, greedy, c, args.max_seconds))
-      levels['sampled'].append(measure(url, model, sampled, c, args.max_seconds))
+    # 2. Rounds over every level, greedy and sampled alternating.
+    runs = {(m, c): [] for m in ('greedy', 'sampled') for c in concurrency}
+    for _ in range(args.rounds):
+      for c in concurrency:
+        runs['greedy', c].append(measure(url, model, greedy, c, args.max_seconds))
+        runs['sampled', c].append(measure(url, model, sampled, c, args.max_seconds))
   finally:
     if proc is not None:
       proc.terminate()
@@ -338,9 +420,17 @@ def main(argv=None) -> dict:
     if tmp is not None:
       tmp.cleanup()
 
-  def tps(mode, c):
-    return next((l['output_tokens_per_s'] for l in levels[mode] if l['concurrency'] == c), None)
-  speedup = {m: (tps(m, 16) / tps(m, 1) if tps(m, 16) and tps(m, 1) else None) for m in levels}
+  levels = {m: [summarize(runs[m, c]) for c in concurrency] for m in ('greedy', 'sampled')}
+
+  def speedups(mode):
+    """16-vs-1 output tokens/s of each round."""
+    if (mode, 16) not in runs or (mode, 1) not in runs:
+      return []
+    return [_tokens(a['results']) / a['duration_s'] / (_tokens(b['results']) / b['duration_s'])
+            for a, b in zip(runs[mode, 16], runs[mode, 1]) if _tokens(b['results'])]
+  by_round = {m: speedups(m) for m in levels}
+  speedup = {m: (float(np.median(v)) if v else None) for m, v in by_round.items()}
+  tps = lambda m, c: next(l['output_tokens_per_s'] for l in levels[m] if l['concurrency'] == c)
   sampled_vs_greedy = {c: tps('sampled', c) / tps('greedy', c) for c in concurrency
                        if tps('greedy', c)}
   all_levels = [fresh, *after] + levels['greedy'] + levels['sampled']
@@ -348,13 +438,14 @@ def main(argv=None) -> dict:
       'model': model, 'variant': args.variant or None, 'num_slots': args.num_slots,
       'prefill_batch_sizes': args.prefill_batch_sizes if not args.url else None,
       'max_tokens': args.max_tokens, 'prompt_len': args.prompt_len,
-      'num_requests': args.num_requests, 'temperature_sampled': args.temperature,
+      'num_requests': args.num_requests, 'rounds': args.rounds,
+      'temperature_sampled': args.temperature,
       # The 1-minute load average before the server started and at the end: other work on the
       # host shows there (the server and the clients load it too).
       'machine': {'cpus': os.cpu_count(), 'load_avg_1min': [load_before, os.getloadavg()[0]]},
       'fresh_vs_after_burst': {'fresh': fresh, 'after_burst': after, 'tpot_p50_ratio': ratio,
                                'tpot_mean_ratio': ratio_mean},
-      'levels': levels, 'speedup_16_vs_1': speedup,
+      'levels': levels, 'speedup_16_vs_1': speedup, 'speedup_16_vs_1_by_round': by_round,
       'sampled_vs_greedy_tokens_per_s': sampled_vs_greedy,
       'ok': bool(all(l['failed'] == 0 and l['metrics_check']['match'] for l in all_levels)
              and all(v is None or v >= 8.0 for v in speedup.values())

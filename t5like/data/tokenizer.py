@@ -21,6 +21,8 @@ trains and writes the model; the others wait for it (a barrier) and load it.
 """
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import functools
 import hashlib
 import io
@@ -142,44 +144,106 @@ class Tokenizer:
       if run:
         out.append(self._sp.decode(run))
         run = []
-      if self.is_sentinel(t):
-        out.append(f'<extra_id_{self.vocab_size - 1 - t}>')
-      elif self.vocab_size <= t < self.model_vocab_size:
-        out.append(f'<unused_{t}>')
-      else:
-        raise ValueError(f'token id {t} is outside the vocabulary [0, {self.model_vocab_size})')
+      out.append(self.special_text(t))
     if run:
       out.append(self._sp.decode(run))
     return ''.join(out)
 
   @functools.cached_property
-  def piece_texts(self) -> tuple[list[str], list[str | None]]:
-    """(alone, appended) per SentencePiece id: `decode([i])`, and the text piece i adds after
-    complete, non-empty text where that does not depend on what came before (a normal piece: its
-    text with '▁' as spaces), else None (byte, control, unknown and unused pieces). Both come
-    from SentencePiece's own decoder, so incremental detokenisation can look a token's text up
-    instead of decoding each token."""
+  def piece_texts(self) -> 'PieceTexts':
+    """What each SentencePiece id decodes to, from SentencePiece's own decoder (see PieceTexts)."""
     sp, n = self._sp, self.sp_size
     alone = sp.decode([[i] for i in range(n)])
-    normal = [i for i in range(3, n) if not (sp.is_byte(i) or sp.is_control(i)
-                                             or sp.is_unknown(i) or sp.is_unused(i))]
-    anchors = [i for i in normal if alone[i].strip()][:2]
-    appended: list[str | None] = [None] * n
-    if len(anchors) < 2:
-      return alone, appended
-    after = [sp.decode([[a, i] for i in normal]) for a in anchors]
-    for k, i in enumerate(normal):
-      texts = {after[j][k][len(alone[a]):] for j, a in enumerate(anchors)}
-      text = texts.pop()
-      # the same after two different anchors: the piece's text is independent of its left side
-      if not texts and text and '\ufffd' not in text:
-        appended[i] = text
-    return alone, appended
+    byte = [int(sp.id_to_piece(i)[3:5], 16) if sp.is_byte(i) else None for i in range(n)]
+    anchor = next((i for i in range(n) if byte[i] is None and not sp.is_control(i)
+                   and not sp.is_unknown(i) and alone[i].strip()), None)
+    if anchor is None:
+      raise TokenizerError(f'SentencePiece model {self.source or "(in memory)"} has no piece '
+                           'that decodes to text')
+    after = sp.decode([[anchor, i] for i in range(n)])
+    appended = [t[len(alone[anchor]):] for t in after]
+    return PieceTexts(alone, appended, byte)
+
+  def special_text(self, token_id: int) -> str:
+    """The text of an id above the SentencePiece model: a sentinel or an unused id."""
+    if self.is_sentinel(token_id):
+      return f'<extra_id_{self.vocab_size - 1 - token_id}>'
+    if self.vocab_size <= token_id < self.model_vocab_size:
+      return f'<unused_{token_id}>'
+    raise ValueError(f'token id {token_id} is outside the vocabulary [0, {self.model_vocab_size})')
 
   def id_to_piece(self, token_id: int) -> str:
     if self.is_sentinel(token_id):
       return f'<extra_id_{self.vocab_size - 1 - token_id}>'
     return self._sp.id_to_piece(int(token_id))
+
+
+@dataclasses.dataclass(frozen=True)
+class PieceTexts:
+  """Per SentencePiece id: `alone`, its text decoded on its own (at the start of a text, where a
+  leading '\u2581' is dropped); `appended`, the text it adds after text (the '\u2581' kept); `byte`,
+  the byte value of a byte-fallback piece (else None), whose text depends on its neighbours."""
+  alone: list[str]
+  appended: list[str]
+  byte: list[int | None]
+
+
+def _utf8_length(lead: int) -> int:
+  """Bytes of the UTF-8 sequence `lead` starts; 0 for a byte that cannot start one."""
+  return 1 if lead < 0x80 else 2 if 0xC2 <= lead <= 0xDF else 3 if 0xE0 <= lead <= 0xEF else (
+      4 if 0xF0 <= lead <= 0xF4 else 0)
+
+
+class IncrementalDecoder:
+  """`Tokenizer.decode` one token at a time, with no SentencePiece call per token.
+
+  Follows SentencePiece's decoder: control pieces add nothing; a normal piece adds its `alone`
+  text while its run (the ids since the last sentinel) has no text yet and its `appended` text
+  after; consecutive byte pieces join into UTF-8, each byte that is not part of a valid sequence
+  becoming U+FFFD. `add` returns the text that is final; bytes that may still complete a
+  character wait for the next token (or `flush`)."""
+
+  def __init__(self, tokenizer: Tokenizer):
+    self.tok = tokenizer
+    self._texts = tokenizer.piece_texts
+    self._pending = bytearray()
+    self._run_has_text = False
+
+  def add(self, token_id: int) -> str:
+    t = int(token_id)
+    if not 0 <= t < self.tok.sp_size:
+      out = self._bytes(final=True) + self.tok.special_text(t)
+      self._run_has_text = False    # decode starts a new SentencePiece run after a sentinel
+      return out
+    b = self._texts.byte[t]
+    if b is not None:
+      self._pending.append(b)
+      return self._bytes(final=False)
+    out = self._bytes(final=True)
+    text = (self._texts.appended if self._run_has_text else self._texts.alone)[t]
+    self._run_has_text = self._run_has_text or bool(text)
+    return out + text
+
+  def flush(self) -> str:
+    return self._bytes(final=True)
+
+  def _bytes(self, final: bool) -> str:
+    out, p = [], self._pending
+    while p:
+      n = _utf8_length(p[0])
+      try:
+        text, used = codecs.utf_8_decode(bytes(p[:n]), 'strict', False) if n else ('', -1)
+      except UnicodeDecodeError:
+        text, used = '', -1
+      if used == 0 and not final and len(p) < n:
+        break    # a valid start of a character: wait for its other bytes
+      if used <= 0:
+        text, used = '\ufffd', 1
+      out.append(text)
+      del p[:used]
+    text = ''.join(out)
+    self._run_has_text = self._run_has_text or bool(text)
+    return text
 
 
 def _training_lines(docs: Sequence[corpus_lib.Document], max_sentences: int, seed: int) -> list[str]:

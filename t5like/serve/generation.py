@@ -15,6 +15,7 @@ import threading
 import weakref
 from typing import Any
 
+from t5like.data.tokenizer import IncrementalDecoder
 from t5like.infer import engine as engine_lib
 from t5like.serve.metrics import RequestTimer
 
@@ -22,62 +23,24 @@ from t5like.serve.metrics import RequestTimer
 class TextTracker:
   """Turns tokens into text deltas; holds back what could still become a stop string.
 
-  Detokenises incrementally: a token decodes a short window (from the last committed tokens that
-  have text of their own, so the next piece's leading space is kept as it is mid-text) instead of
-  the whole text, and text ending in an incomplete UTF-8 sequence waits for the next token. A
-  normal piece right after one with text needs no decode at all: its text is looked up
-  (`Tokenizer.piece_texts`)."""
+  Detokenises incrementally (`IncrementalDecoder`: no SentencePiece call per token); bytes of a
+  character not yet complete wait for the next token."""
 
   def __init__(self, tokenizer, stop: list[str]):
-    self.tok, self.stop = tokenizer, stop
+    self.stop = stop
     self.hold = max((len(s) for s in stop), default=1) - 1
     self.ids: list[int] = []
     self.sent = 0
     self.text = ''
     self.piece = ''          # the text the last token added (its logprob entry's "token")
     self.stopped = False
-    self._prefix = self._read = 0    # the window starts at ids[_prefix]; ids[:_read] are in text
-    self._prefix_text = ''           # decode(ids[_prefix:_read])
-    self._alone, self._appended = tokenizer.piece_texts
-    # whether the current SentencePiece run (the ids since the last sentinel or unused id) has
-    # text: pieces that are only '\u2581' (and control pieces) add none at its start
-    self._run_has_text = False
-
-  def _commit(self, new: str, alone: str) -> str:
-    """Adds `new`, the text ids[_read:] add; `alone` is decode(ids[_read:]). The next window
-    starts at these tokens unless they decode to nothing alone (a lone '\u2581' at the start of a
-    decode is dropped, and so would be the next piece's leading space)."""
-    if alone:
-      self._prefix, self._prefix_text = self._read, alone
-    else:
-      self._prefix_text += new
-    self._read = len(self.ids)
-    self.text += new
-    return new
-
-  def _advance(self, final: bool) -> str:
-    window = self.tok.decode(self.ids[self._prefix:])
-    if not final and (len(window) <= len(self._prefix_text) or window.endswith('\ufffd')):
-      return ''
-    return self._commit(window[len(self._prefix_text):], self.tok.decode(self.ids[self._read:]))
-
-  def _lookup(self, token_id: int) -> str | None:
-    """The text `token_id` adds when it needs no decode: a normal piece in a SentencePiece run
-    that already has text (so its leading space is kept), everything before it committed. None
-    otherwise."""
-    table = self._appended
-    if not (self._run_has_text and self._read == len(self.ids) - 1
-            and 0 <= token_id < len(table) and table[token_id] is not None):
-      return None
-    return self._commit(table[token_id], self._alone[token_id])
+    self._decoder = IncrementalDecoder(tokenizer)
 
   def add(self, token_id: int) -> str:
     """Appends a token; returns the new text that is safe to send."""
     self.ids.append(token_id)
-    piece = self._lookup(token_id)
-    self.piece = self._advance(final=False) if piece is None else piece
-    self._run_has_text = 0 <= token_id < len(self._alone) and (
-        self._run_has_text or bool(self._alone[token_id]))
+    self.piece = self._decoder.add(token_id)
+    self.text += self.piece
     for s in self.stop:
       i = self.text.find(s, max(0, self.sent - len(s)))
       if i >= 0:
@@ -87,8 +50,8 @@ class TextTracker:
     return self._take(len(self.text) - self.hold)
 
   def flush(self) -> str:
-    if not self.stopped and self._read < len(self.ids):
-      self._advance(final=True)
+    if not self.stopped:
+      self.text += self._decoder.flush()
     return self._take(len(self.text))
 
   def _take(self, end: int) -> str:

@@ -2,6 +2,7 @@
 import os
 import pickle
 
+import numpy as np
 import pytest
 
 from t5like.data import corpus
@@ -110,3 +111,55 @@ def test_shakespeare_default_tokenizer_trains_quickly(tmp_path):
   assert tok.sentinel_id(0) == 8099
   assert tok.decode(tok.encode('Now is the winter of our discontent')) == \
       'Now is the winter of our discontent'
+
+
+def _incremental(tok, ids) -> str:
+  dec = tokenizer_lib.IncrementalDecoder(tok)
+  return ''.join(dec.add(t) for t in ids) + dec.flush()
+
+
+def test_incremental_decoder_matches_sentencepiece_on_every_byte_pair(tiny_tokenizer):
+  """Every pair of byte pieces (valid, cut and invalid UTF-8 alike), alone and after text."""
+  tok = tiny_tokenizer
+  byte_id = {b: i for i, b in enumerate(tok.piece_texts.byte) if b is not None}
+  assert len(byte_id) == 256
+  word = tok.encode('the')
+  for x in range(256):
+    for y in range(256):
+      ids = [byte_id[x], byte_id[y]]
+      assert _incremental(tok, ids) == tok.decode(ids), (x, y)
+    ids = word + [byte_id[x], *word]
+    assert _incremental(tok, ids) == tok.decode(ids), x
+
+
+def test_incremental_decoder_matches_decode_on_mixed_ids(tiny_tokenizer):
+  """Random runs of every kind: normal, space-only, control and unknown pieces, bytes of valid
+  and cut multi-byte characters, random bytes, sentinels and unused ids."""
+  tok = tiny_tokenizer
+  texts = tok.piece_texts
+  pieces = [i for i in range(tok.sp_size) if texts.byte[i] is None]
+  spaces = [i for i in pieces if texts.alone[i] == '' and texts.appended[i].strip(' ') == '']
+  bytes_ = [i for i in range(tok.sp_size) if texts.byte[i] is not None]
+  assert spaces and {tok.pad_id, tok.eos_id} <= set(pieces)
+  specials = list(range(tok.sp_size, tok.model_vocab_size))
+  assert tok.model_vocab_size > tok.vocab_size   # unused ids are in the mix too
+  utf8 = tok.encode('日本語 🙂 naïve Café')
+  rng = np.random.default_rng(0)
+  for _ in range(2000):
+    ids = []
+    for _ in range(int(rng.integers(1, 20))):
+      kind = int(rng.integers(5))
+      if kind == 4:
+        a = int(rng.integers(len(utf8)))
+        ids += utf8[a:a + int(rng.integers(1, 6))]
+      else:
+        ids.append(int(rng.choice((pieces, spaces, bytes_, specials)[kind])))
+    assert _incremental(tok, ids) == tok.decode(ids), ids
+  text = corpus.shakespeare_documents()[0].text[:5000]
+  ids = tok.encode(text)
+  assert _incremental(tok, ids) == tok.decode(ids)
+
+
+def test_incremental_decoder_rejects_ids_outside_the_model(tiny_tokenizer):
+  with pytest.raises(ValueError, match='outside the vocabulary'):
+    tokenizer_lib.IncrementalDecoder(tiny_tokenizer).add(tiny_tokenizer.model_vocab_size)
