@@ -4,8 +4,9 @@
   python scripts/load_test.py --model_base_path=models/ --model=tiny          # starts a server
   python scripts/load_test.py --url=http://127.0.0.1:8000 --model=tiny        # uses a running one
 
-`--variant` exports a bundle of that variant (fresh initial weights, a small tokenizer trained on
-the bundled corpus) to a temporary base path and serves it. The server starts fresh, then:
+`--variant` exports a bundle of that variant (random weights under which greedy outputs depend on
+the prompt, a small tokenizer trained on the bundled corpus) to a temporary base path and serves
+it. The server starts fresh, then:
 
 1. fresh vs after a burst: one greedy client (`--probe_requests` requests) on the fresh server,
    then twice a burst of sampled traffic (16 clients) followed by the same greedy probe; the TPOT
@@ -49,7 +50,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from t5like.config import get_variant
 from t5like.data import corpus
 from t5like.data import tokenizer as tokenizer_lib
-from t5like.models import init_params
+from t5like.infer import decode
+from t5like.models.random_weights import random_params
 from t5like.serve import bundle
 
 LOOPBACK = ('127.0.0.1', 'localhost', '::1')
@@ -306,11 +308,17 @@ def free_port() -> int:
 
 
 def export_variant(variant: str, base_path: str) -> None:
-  """A bundle of `variant` with fresh initial weights under `<base_path>/<variant>/1`."""
+  """A bundle of `variant` under `<base_path>/<variant>/1`. Its weights are random with a spread
+  under which greedy outputs differ between prompts (checked here): the initial weights of a
+  fresh model greedy-decode the pad token for every prompt, and would stream no text at all."""
   cfg = get_variant(variant)
   tok = tokenizer_lib.train_tokenizer(corpus.shakespeare_documents()[:2],
                                       min(400, cfg.vocab_size - 112), max_sentences=2000)
-  params = jax.device_get(init_params(cfg, jax.random.key(0)))
+  params = jax.device_get(random_params(cfg, seed=0, embed_std=0.3, std=0.2))
+  prompts = np.random.default_rng(0).integers(3, 300, (4, 16)).astype(np.int32)
+  outputs = np.asarray(decode.greedy(params, cfg, prompts, 8, stop_at_eos=False).tokens)
+  if len({tuple(o) for o in outputs}) < len(prompts) or len(np.unique(outputs)) < 8:
+    raise SystemExit(f'{variant}: greedy outputs of the random weights do not vary: {outputs}')
   bundle.export_bundle(params, cfg, tok, os.path.join(base_path, variant, '1'))
 
 

@@ -4,10 +4,10 @@ import os
 
 import jax
 
-from random_weights import random_params
 from t5like import config as config_lib
 from t5like.data import corpus
 from t5like.data import tokenizer as tokenizer_lib
+from t5like.models.random_weights import random_params
 from t5like.train import checkpoint as ckpt_lib
 
 VOCAB = 600

@@ -11,7 +11,7 @@ from t5like.config import get_variant
 from t5like.infer import decode
 from t5like.models import build_model, init_cache
 from t5like.infer import backend as backend_lib
-from random_weights import random_params
+from t5like.models.random_weights import random_params
 
 B, S, T = 2, 10, 6
 jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})

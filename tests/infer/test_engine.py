@@ -14,7 +14,7 @@ from t5like.config import get_variant
 from t5like.infer import decode, sampling
 from t5like.infer.engine import (Engine, EngineError, QueueFull, Request, RequestTooLong,
                                  SamplingParams)
-from random_weights import random_params
+from t5like.models.random_weights import random_params
 
 # Prefill batches of 2 with 3 slots: bursts are prefilled both batched and alone.
 KW = dict(num_slots=3, prompt_buckets=(8, 16), max_new_tokens=12, max_queue=16,

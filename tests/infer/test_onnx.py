@@ -20,8 +20,8 @@ from t5like.infer import decode
 from t5like.infer import onnx as t5onnx
 from t5like.models import build_model
 from t5like.infer.backend import split_layers
+from t5like.models.random_weights import random_params
 from t5like.serve import bundle
-from random_weights import random_params
 
 B, T = 3, 8
 ARCHS = ['t5_tiny', 't5_1_1_tiny', 'decoder_tiny']

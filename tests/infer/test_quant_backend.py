@@ -12,7 +12,7 @@ from t5like.compress.quantize import quantize_params
 from t5like.config import get_variant
 from t5like.infer import backend as backend_lib, decode
 from t5like.kernels import cpu_matmul
-from random_weights import random_params
+from t5like.models.random_weights import random_params
 
 needs_kernel = pytest.mark.skipif(shutil.which('c++') is None and shutil.which('g++') is None,
                                   reason='no C++ compiler to build the CPU kernel')

@@ -16,7 +16,7 @@ from t5like.config import get_variant
 from t5like.infer import backend as backend_lib, decode
 from t5like.kernels import cpu_matmul
 from t5like.models import build_model, init_cache
-from random_weights import random_params
+from t5like.models.random_weights import random_params
 
 # An honest environment condition, not a failure: without a C++ compiler the kernel cannot be
 # built, and the library runs on XLA's dots (tested below in a subprocess either way).

@@ -16,7 +16,7 @@ from t5like.config import (VARIANTS, ConfigError, ModelConfig, QuantConfig, from
                            to_dict)
 from t5like.models import abstract_params, build_model, init_cache, param_count
 from t5like.models.layers import REMAT_POLICIES
-from random_weights import random_params
+from t5like.models.random_weights import random_params
 
 B, S, T = 2, 12, 8
 # Tiny shapes run in microseconds; what costs is compiling. LLVM's cheapest optimisation level

@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from random_weights import random_params
 from t5like.config import get_variant
 from t5like.data import corpus
 from t5like.data import tokenizer as tokenizer_lib
 from t5like.infer import decode
+from t5like.models.random_weights import random_params
 from t5like.serve import bundle
 from t5like.serve.app import create_app
 from t5like.serve.registry import ModelRegistry

@@ -1,9 +1,13 @@
-"""Random model weights drawn in numpy from the abstract parameter tree: no compile of `init`."""
+"""Random model weights drawn in numpy from the abstract parameter tree: no compile of `init`.
+
+For tests and load tests that need a model whose outputs depend on its input: a freshly
+initialised tiny T5 greedy-decodes the same token (pad) for every prompt, which can hide a mix-up
+of rows and streams no text."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5like.models import abstract_params
+from t5like.models.transformer import abstract_params
 
 
 def random_params(cfg, seed: int = 0, embed_std: float = 1.0, std: float = 0.1):
