@@ -174,7 +174,7 @@ class Tokenizer:
 
   def id_to_piece(self, token_id: int) -> str:
     if self.is_sentinel(token_id):
-      return f'<extra_id_{self.vocab_size - 1 - token_id}>'
+      return self.special_text(token_id)
     return self._sp.id_to_piece(int(token_id))
 
 
