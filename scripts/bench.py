@@ -7,6 +7,7 @@
   python scripts/bench.py attention                  # scripts/bench_attention.py
   python scripts/bench.py quant [--out=FILE]         # scripts/bench_quant.py
   python scripts/bench.py prune                      # scripts/bench_prune.py
+  python scripts/bench.py engine                     # scripts/bench_engine.py
 
 `train`: one JSON object with the median step time, tokens/s (inputs + targets), the exact matmul
 FLOPs of a step (t5like.models.flops), the f32 matmul peak measured in the same run, and the MFU;
@@ -27,6 +28,7 @@ import numpy as np
 # Sibling scripts: the script's own folder is on sys.path when run as `python scripts/bench.py`.
 import bench_attention
 import bench_decode
+import bench_engine
 import bench_onnx
 import bench_prune
 import bench_quant
@@ -142,6 +144,9 @@ def main(argv=None):
   p = sub.add_parser('quant', help="int8 / int4 decoding against f32 and torch's dynamic int8")
   bench_quant.add_args(p)
   p.set_defaults(fn=bench_quant.run)
+  p = sub.add_parser('engine', help='serving engine tokens/s by decode steps and overlap')
+  bench_engine.add_args(p)
+  p.set_defaults(fn=bench_engine.run)
   args = parser.parse_args(argv)
   record = args.fn(args)
   benchlib.emit(record)

@@ -21,8 +21,9 @@ it. The server starts fresh, then:
 Per level, as vLLM's benchmark_serving defines them: request throughput (completed / duration),
 output tokens/s (sum of completion tokens / duration), TTFT (request sent -> first streamed token),
 TPOT ((latency - TTFT) / (output tokens - 1), for requests with more than one token) and ITL (time
-between consecutive streamed tokens), each mean, p50 and p99 in milliseconds, and failures, over
-all rounds (tokens and durations summed, latencies pooled; tokens/s of each round kept beside).
+between consecutive streamed chunks; a chunk holds one token unless the server coalesced several:
+a loop that falls behind, or a block of `--decode_steps`; `tokens_per_chunk` says how many), each
+mean, p50 and p99 in milliseconds, and failures, over all rounds (tokens and durations summed, latencies pooled; tokens/s of each round kept beside).
 Counts are cross-checked against the deltas of the server's /metrics. The 16-vs-1 speedup is the
 median over rounds of that round's ratio. `ok`: no request failed, every cross-check holds, 16
 clients reach at least 8x the output tokens/s of 1 client (greedy and sampled), and the
@@ -190,7 +191,7 @@ class StreamClient:
 
 async def one_request(client: StreamClient, body: dict) -> dict:
   t0 = time.perf_counter()
-  times, usage, error = [], None, None
+  times, counts, usage, error = [], [], None, None
   try:
     async with asyncio.timeout(client.timeout):
       events = await client.post('/v1/completions', body)
@@ -202,20 +203,22 @@ async def one_request(client: StreamClient, body: dict) -> dict:
           error = chunk['error']['message']
         elif chunk.get('usage'):
           usage = chunk['usage']
-        elif chunk['choices']:
-          times.append(now)
+        elif chunk['choices'] and chunk['choices'][0].get('token_ids'):
+          times.append(now)   # a chunk may carry several tokens (a block of decode steps)
+          counts.append(len(chunk['choices'][0]['token_ids']))
   except (OSError, TimeoutError, ValueError) as e:
     await client.close()
     return {'ok': False, 'error': f'{type(e).__name__}: {e}'}
   end = events[-1][0] if events else time.perf_counter()   # the last bytes' arrival
-  if error or usage is None or not times:
-    return {'ok': False, 'error': error or 'no usage / no tokens'}
-  # The last chunk carries the finish reason; a stop at EOS adds no token of its own.
+  if error or usage is None:
+    return {'ok': False, 'error': error or 'no usage'}
   n = usage['completion_tokens']
-  token_times = times[:n]
-  return {'ok': True, 'ttft': token_times[0] - t0 if token_times else end - t0, 'latency': end - t0,
-          'itl': list(np.diff(token_times)), 'output_tokens': n,
-          'prompt_tokens': usage['prompt_tokens']}
+  if sum(counts) != n:
+    return {'ok': False, 'error': f'chunks carried {sum(counts)} token ids, usage says {n}'}
+  # A stop at the first token streams no token: its TTFT is the whole request.
+  return {'ok': True, 'ttft': (times[0] if times else end) - t0, 'latency': end - t0,
+          'itl': list(np.diff(times)),
+          'output_tokens': n, 'chunks': len(times), 'prompt_tokens': usage['prompt_tokens']}
 
 
 def make_bodies(model: str, num_requests: int, max_tokens: int, prompt_len: int,
@@ -279,6 +282,7 @@ def summarize(runs: list[dict]) -> dict:
       'tpot_ms': stats_ms([(r['latency'] - r['ttft']) / (r['output_tokens'] - 1) for r in ok
                            if r['output_tokens'] > 1]),
       'itl_ms': stats_ms([x for r in ok for x in r['itl']]),
+      'tokens_per_chunk': sum(r['output_tokens'] for r in ok) / max(1, sum(r['chunks'] for r in ok)),
       'e2e_latency_ms': stats_ms([r['latency'] for r in ok]),
       'client_cpu_s': sum(run['client_cpu_s'] for run in runs),
   }
@@ -327,7 +331,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
   cmd = [sys.executable, '-m', 't5like.serve', f'--model_base_path={args.model_base_path}',
          f'--port={port}', f'--num_slots={args.num_slots}', f'--max_queue={args.num_requests}',
          f'--prompt_buckets={args.prompt_buckets}', f'--max_new_tokens={args.max_tokens}',
-         f'--prefill_batch_sizes={args.prefill_batch_sizes}', '--log_level=warning']
+         f'--prefill_batch_sizes={args.prefill_batch_sizes}',
+         f'--decode_steps={args.decode_steps}', '--log_level=warning']
   proc = subprocess.Popen(cmd, env=dict(os.environ))
   url = f'http://127.0.0.1:{port}'
   deadline = time.time() + args.startup_timeout_s
@@ -376,6 +381,7 @@ def main(argv=None) -> dict:
   p.add_argument('--max_seconds', type=float, default=180, help='per level; later requests skip')
   p.add_argument('--num_slots', type=int, default=32)
   p.add_argument('--prompt_buckets', default='32')
+  p.add_argument('--decode_steps', type=int, default=1, help="the server's flag")
   p.add_argument('--prefill_batch_sizes', default='1,4,16', help="the server's flag")
   p.add_argument('--startup_timeout_s', type=float, default=600)
   p.add_argument('--out', default='', help='also write the JSON here')
@@ -445,6 +451,7 @@ def main(argv=None) -> dict:
   report = {
       'model': model, 'variant': args.variant or None, 'num_slots': args.num_slots,
       'prefill_batch_sizes': args.prefill_batch_sizes if not args.url else None,
+      'decode_steps': args.decode_steps if not args.url else None,
       'max_tokens': args.max_tokens, 'prompt_len': args.prompt_len,
       'num_requests': args.num_requests, 'rounds': args.rounds,
       'temperature_sampled': args.temperature,

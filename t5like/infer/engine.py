@@ -62,8 +62,8 @@ _ids = itertools.count()
 @dataclasses.dataclass
 class Request:
   """One generation. Events reach `on_event(kind, value)` from the engine thread:
-  ('token', id) for each new token, then ('finish', reason) with reason 'stop', 'length',
-  'abort', 'timeout' or 'error: ...'."""
+  ('tokens', [id, ...]) with its new tokens of each device call (one per decode step), then
+  ('finish', reason) with reason 'stop', 'length', 'abort', 'timeout' or 'error: ...'."""
   prompt_ids: Sequence[int]
   params: SamplingParams
   on_event: Callable[[str, object], None]
@@ -123,18 +123,34 @@ def _prefill(params, tokens_NP, temp_N, top_k_N, top_p_N, keys_N2, *, cfg: Model
 _insert = jax.jit(_insert_rows, donate_argnums=(0,))
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'backend', 'with_logprobs'),
+@functools.partial(jax.jit, static_argnames=('cfg', 'backend', 'with_logprobs', 'steps'),
                    donate_argnums=(1,))
-def _generate(params, cache, tokens_R, temp_R, top_k_R, top_p_R, keys_R2, pos_R, active_R, *,
-              cfg: ModelConfig, backend: backend_lib.XlaBackend, with_logprobs: bool = False):
-  """One token for every slot row; idle rows are computed but their cache index stays, and they
-  count as greedy whatever their last request asked (which path the sampler takes depends on the
-  live rows only). With `with_logprobs`, also each row's `logprob_info`."""
-  logits_RV, new_cache = backend.step(params, cfg, tokens_R, cache)
-  new_cache['index'] = jnp.where(active_R, new_cache['index'], cache['index'])
-  keys = jax.vmap(jax.random.fold_in)(keys_R2, pos_R)
-  toks = sampling.sample(logits_RV, keys, jnp.where(active_R, temp_R, 0.0), top_k_R, top_p_R)
-  return toks, new_cache, (logprob_info(logits_RV, toks) if with_logprobs else None)
+def _generate(params, cache, tokens_R, prev_R, fresh_R, temp_R, top_k_R, top_p_R, keys_R2, pos_R,
+              budget_R, *, cfg: ModelConfig, backend: backend_lib.XlaBackend,
+              with_logprobs: bool = False, steps: int = 1):
+  """`steps` tokens for every slot row, each step feeding the last one's tokens back: tokens
+  [steps, R] (and with `with_logprobs` each step's `logprob_info`, stacked the same way). A row
+  starts from `tokens_R` where `fresh_R` (just prefilled: its first token is on the host), else
+  from `prev_R` (the last token of the previous call, still on the device). A row
+  takes part in the first `budget_R` steps (0: idle); outside them its cache index stays and it
+  counts as greedy whatever its last request asked (which path the sampler takes depends on the
+  live rows only). Row r's step j draws with key fold_in(keys[r], pos[r] + j), so a block of
+  steps gives the same tokens as that many single steps."""
+  def step(carry, j):
+    cache, tokens_R = carry
+    live_R = j < budget_R
+    logits_RV, new_cache = backend.step(params, cfg, tokens_R, cache)
+    new_cache['index'] = jnp.where(live_R, new_cache['index'], cache['index'])
+    keys = jax.vmap(jax.random.fold_in)(keys_R2, pos_R + j)
+    toks = sampling.sample(logits_RV, keys, jnp.where(live_R, temp_R, 0.0), top_k_R, top_p_R)
+    return (new_cache, toks), (toks, logprob_info(logits_RV, toks) if with_logprobs else None)
+
+  tokens_R = jnp.where(fresh_R, tokens_R, prev_R)
+  if steps == 1:   # no loop around a single step
+    (cache, _), (toks, info) = step((cache, tokens_R), 0)
+    return toks[None], cache, jax.tree.map(lambda x: x[None], info)
+  (cache, _), (toks, info) = jax.lax.scan(step, (cache, tokens_R), jnp.arange(steps))
+  return toks, cache, info
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'backend'))
@@ -156,15 +172,26 @@ def _score(params, inputs_1S, tokens_1T, targets_1T, *, cfg: ModelConfig,
   return jnp.take_along_axis(logp_TV, targets_1T[0, :, None], axis=1)[:, 0]
 
 
+@dataclasses.dataclass
+class _Block:
+  """A dispatched block of decode steps."""
+  toks: jax.Array          # [steps, R]
+  last: jax.Array          # [R] its last step's tokens: the next block's input
+  info: object             # logprob_info stacked [steps, R, ...], or None
+  budget: np.ndarray       # [R] steps each row takes (0: idle)
+  reqs: list               # each row's request when dispatched (None: idle)
+
+
 class Engine:
   """Serves one model. `submit` is thread-safe; `start` launches the device thread."""
 
   def __init__(self, params, cfg: ModelConfig, *, num_slots: int = 8,
                prompt_buckets: Sequence[int] = (32, 64, 128, 256), max_new_tokens: int = 128,
                max_queue: int = 64, name: str = 'model', backend: str = 'auto',
-               prefill_batch_sizes: Sequence[int] = (1, 4, 16)):
-    if num_slots <= 0 or max_new_tokens <= 0 or max_queue <= 0:
-      raise ValueError('num_slots, max_new_tokens and max_queue must be positive')
+               prefill_batch_sizes: Sequence[int] = (1, 4, 16), decode_steps: int = 1,
+               overlap: bool = True):
+    if num_slots <= 0 or max_new_tokens <= 0 or max_queue <= 0 or decode_steps <= 0:
+      raise ValueError('num_slots, max_new_tokens, max_queue and decode_steps must be positive')
     if not prefill_batch_sizes or any(int(n) <= 0 for n in prefill_batch_sizes):
       raise ValueError(f'prefill_batch_sizes must be positive, got {list(prefill_batch_sizes)}')
     # Batch sizes a prefill runs at (1 always, none above the slot count): waiting requests of one
@@ -177,6 +204,13 @@ class Engine:
     self.backend = backend_lib.get_backend(backend, cfg)
     self.cfg, self.params, self.name = cfg, self.backend.prepare(cfg, params), name
     self.num_slots, self.max_new_tokens = num_slots, max_new_tokens
+    # Decode steps per device call (vLLM's multi-step scheduling): the host's per-call work
+    # (dispatch, bookkeeping, waking the server's loop) is paid once per block, at the cost of
+    # admitting new requests and noticing cancels only between blocks.
+    self.decode_steps = decode_steps
+    # Overlap (vLLM's async scheduling): the next block is dispatched before the host takes the
+    # last one's tokens, so device and host work at the same time. Off: one block at a time.
+    self.overlap = overlap
     self.buckets = tuple(sorted(prompt_buckets))
     self.max_prompt_len = self.buckets[-1]
     self.max_queue = max_queue
@@ -204,12 +238,15 @@ class Engine:
     self._top_p = np.ones((R,), np.float32)
     self._keys = np.zeros((R, 2), np.uint32)
     self._pos = np.zeros((R,), np.int32)
+    self._fresh = np.zeros((R,), bool)     # prefilled, not yet in a block: input on the host
+    self._in_flight: _Block | None = None   # dispatched, its tokens not yet taken
     # Module-level jitted functions with static shapes: engines of the same config and sizes (two
     # versions of one model, a reloaded version) share their compiled executables.
     self._prefill = functools.partial(_prefill, cfg=cfg, max_prompt_len=self.max_prompt_len,
                                       max_new_tokens=max_new_tokens, backend=self.backend)
     self._insert = _insert
-    self._generate = functools.partial(_generate, cfg=cfg, backend=self.backend)
+    self._generate = functools.partial(_generate, cfg=cfg, backend=self.backend,
+                                       steps=decode_steps)
 
   # ---- host side -------------------------------------------------------------------------------
   def bucket_for(self, length: int) -> int:
@@ -292,11 +329,14 @@ class Engine:
         rows, _, _ = self._prefill(self.params, np.ones((n, b), np.int32), np.full(n, temp),
                                    np.full(n, top_k), np.full(n, top_p), np.zeros((n, 2), np.uint32))
         self._cache = self._insert(self._cache, rows, np.arange(n, dtype=np.int32))
+    idle = np.zeros((self.num_slots,), np.int32)
     for with_logprobs in (False, True):   # the sampler's paths are branches of each program
-      toks, self._cache, _ = self._generate(self.params, self._cache, self._tokens, self._temp,
-                                            self._top_k, self._top_p, self._keys, self._pos,
-                                            np.zeros((self.num_slots,), bool),
-                                            with_logprobs=with_logprobs)
+      prev = self._tokens
+      for _ in range(2):   # the previous tokens from the host, then from a block on the device
+        toks, self._cache, _ = self._generate(
+            self.params, self._cache, self._tokens, prev, self._fresh, self._temp, self._top_k,
+            self._top_p, self._keys, self._pos, idle, with_logprobs=with_logprobs)
+        prev = toks[-1]
       np.asarray(toks)
     self._cache = jax.tree.map(jnp.zeros_like, self._cache)
     self._reset_sampling(slice(None))
@@ -364,7 +404,9 @@ class Engine:
       self._temp[slot], self._top_k[slot], self._top_p[slot] = temp[i], top_k[i], top_p[i]
       self._keys[slot] = keys[i]
       self._pos[slot] = 1
-      self._accept(slot, req, int(toks[i]), None if info is None else tuple(x[i] for x in info))
+      self._fresh[slot] = True
+      self._accept(slot, req, [int(toks[i])],
+                   None if info is None else tuple(x[i:i + 1] for x in info))
 
   def _admit_waiting(self) -> None:
     """Moves waiting requests into the free slots, prefilling each bucket's in batches."""
@@ -387,24 +429,32 @@ class Engine:
             if req.finish_reason is None:
               self._finish(slot if self._slots[slot] is req else None, req, f'error: {e}')
 
-  def _accept(self, slot: int, req: Request, tok: int, info=None) -> None:
-    """Records a sampled token (and its logprobs when asked for) and decides whether the
-    request goes on. `info`: this row's `logprob_info`."""
-    now = time.monotonic()
+  def _accept(self, slot: int, req: Request, toks: Sequence[int], info=None) -> None:
+    """Records a row's tokens of one device call (and their logprobs when asked for) as one
+    'tokens' event, up to a stop token or max_tokens, and decides whether the request goes on.
+    `info`: this row's `logprob_info`, one entry per token."""
     if req.first_token_at is None:
-      req.first_token_at = now
-    if tok == self.cfg.eos_id or tok in req.params.stop_token_ids:
-      self._finish(slot, req, 'stop')
-      return
-    k = req.params.logprobs
-    if k is not None and info is not None:
-      lp, ids, top = (np.asarray(x) for x in info)
-      req.logprobs.append((float(lp), ids[:k].tolist(), top[:k].tolist()))
-    req.output_ids.append(tok)
-    self._emit(req, 'token', tok)
-    self._tokens[slot] = tok
-    if len(req.output_ids) >= req.params.max_tokens:
-      self._finish(slot, req, 'length')
+      req.first_token_at = time.monotonic()
+    stop_ids, k = req.params.stop_token_ids, req.params.logprobs
+    room = req.params.max_tokens - len(req.output_ids)
+    out, reason = [], None
+    for j, tok in enumerate(toks):
+      if tok == self.cfg.eos_id or tok in stop_ids:
+        reason = 'stop'
+        break
+      if k is not None and info is not None:
+        lp, ids, top = (np.asarray(x[j]) for x in info)
+        req.logprobs.append((float(lp), ids[:k].tolist(), top[:k].tolist()))
+      out.append(tok)
+      if len(out) >= room:
+        reason = 'length'
+        break
+    if out:
+      req.output_ids.extend(out)
+      self._emit(req, 'tokens', out)
+      self._tokens[slot] = out[-1]
+    if reason is not None:
+      self._finish(slot, req, reason)
 
   @staticmethod
   def _expired(req: Request, now: float) -> bool:
@@ -431,31 +481,63 @@ class Engine:
     with self._lock:
       return self._waiting.popleft() if self._waiting else None
 
+  def _dispatch(self) -> '_Block | None':
+    """Starts the next block of decode steps without waiting for the one in flight: rows whose
+    request ends within that one (a stop token) are computed once more and their tokens dropped.
+    None when no row can step."""
+    prev = self._in_flight
+    budget = np.zeros((self.num_slots,), np.int32)
+    for slot, req in enumerate(self._slots):
+      if req is None:
+        continue
+      ahead = int(prev.budget[slot]) if prev is not None and prev.reqs[slot] is req else 0
+      # none past max_tokens
+      budget[slot] = max(0, min(self.decode_steps,
+                                req.params.max_tokens - len(req.output_ids) - ahead))
+    if not budget.any():
+      return None
+    reqs = [r if b else None for r, b in zip(self._slots, budget)]
+    with_logprobs = any(r is not None and r.params.logprobs is not None for r in reqs)
+    # Copies: a host array may back the device buffer (CPU), and these change during the block.
+    toks, self._cache, info = self._generate(
+        self.params, self._cache, self._tokens.copy(), self._tokens if prev is None else prev.last,
+        self._fresh & (budget > 0), self._temp.copy(), self._top_k.copy(), self._top_p.copy(),
+        self._keys.copy(), self._pos.copy(), budget, with_logprobs=with_logprobs)
+    self._fresh &= budget == 0
+    self._pos += budget
+    self.steps += int(budget.max())
+    return _Block(toks, toks[-1], info, budget, reqs)
+
+  def _take(self, block: '_Block') -> None:
+    """Hands a finished block's tokens to their requests (those still in their slot)."""
+    toks_RK = np.asarray(block.toks).T.tolist()
+    info = jax.device_get(block.info)
+    for slot in np.nonzero(block.budget)[0].tolist():
+      req = block.reqs[slot]
+      if self._slots[slot] is not req:   # ended (stop token, cancel) after the block started
+        continue
+      n = int(block.budget[slot])
+      self._accept(slot, req, toks_RK[slot][:n],
+                   None if info is None else tuple(x[:n, slot] for x in info))
+
   def _run(self) -> None:
     while not self._stop.is_set():
       try:
         self._reap()
         self._admit_waiting()
-        active = np.array([r is not None for r in self._slots])
-        if not active.any():
+        block = self._dispatch()
+        if self.overlap:   # one block in flight while the host takes the previous one
+          done, self._in_flight = self._in_flight, block
+        else:
+          done = block
+        if done is not None:
+          self._take(done)
+        elif block is None:
           self._wake.wait(0.05)
           self._wake.clear()
-          continue
-        with_logprobs = any(r is not None and r.params.logprobs is not None for r in self._slots)
-        toks, self._cache, info = self._generate(
-            self.params, self._cache, self._tokens, self._temp, self._top_k, self._top_p,
-            self._keys, self._pos, active, with_logprobs=with_logprobs)
-        toks = np.asarray(toks)
-        info = jax.device_get(info)
-        self.steps += 1
-        for slot in np.nonzero(active)[0]:
-          req = self._slots[slot]
-          if req is not None:
-            self._pos[slot] += 1
-            self._accept(int(slot), req, int(toks[slot]),
-                         None if info is None else tuple(x[slot] for x in info))
       except Exception as e:  # keep serving; record what broke for /health and logs
         self.last_error = repr(e)
+        self._in_flight = None
         for slot, req in enumerate(list(self._slots)):
           if req is not None:
             self._finish(slot, req, f'error: {e}')

@@ -43,6 +43,11 @@ flags.DEFINE_list('prompt_buckets', ['32', '64', '128', '256'], 'Prompt-length b
                   'largest is the longest prompt accepted.')
 flags.DEFINE_list('prefill_batch_sizes', ['1', '4', '16'], 'Batch sizes waiting requests of one '
                   'bucket are prefilled at (each compiled at start-up; none above --num_slots).')
+flags.DEFINE_integer('decode_steps', 1, 'Decode steps per device call (multi-step scheduling): '
+                     'less host work per token, but new requests join and cancels take effect '
+                     'only between blocks of steps.', lower_bound=1)
+flags.DEFINE_bool('overlap', True, 'Dispatch the next block of decode steps before taking the '
+                  "last one's tokens (device and host work at the same time).")
 flags.DEFINE_integer('max_new_tokens', 128, 'Largest max_tokens a request may ask for.')
 flags.DEFINE_integer('max_queue', 64, 'Requests waiting for a slot before 429.')
 flags.DEFINE_float('request_timeout_s', 600.0, 'Per-request timeout (submission to last token).')
@@ -88,7 +93,8 @@ def build_server(argv_flags=FLAGS):
                        prompt_buckets=_positive_ints('prompt_buckets', f.prompt_buckets),
                        prefill_batch_sizes=_positive_ints('prefill_batch_sizes',
                                                           f.prefill_batch_sizes),
-                       max_new_tokens=f.max_new_tokens, max_queue=f.max_queue)
+                       max_new_tokens=f.max_new_tokens, max_queue=f.max_queue,
+                       decode_steps=f.decode_steps, overlap=f.overlap)
   registry = ModelRegistry(f.model_base_path, policy=policy, model_names=f.model_names,
                            engine_kwargs=engine_kwargs, drain_timeout_s=f.drain_timeout_s)
   token = f.admin_token if f.admin_token is not None else os.environ.get('T5LIKE_ADMIN_TOKEN', '')

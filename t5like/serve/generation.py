@@ -162,8 +162,8 @@ class Generation:
     timer = self.timer_factory()
 
     def on_event(kind, value):   # engine thread
-      if kind == 'token':
-        timer.token()
+      if kind == 'tokens':
+        timer.add_tokens(len(value))
       self.bridge.call(self.events.put_nowait, (index, kind, value))
 
     req = engine_lib.Request(prompt_ids, params, on_event, timeout_s=timeout_s)
@@ -211,10 +211,15 @@ class Generation:
     except asyncio.QueueEmpty:
       return None
 
-  def _token(self, c: Choice, token_id: int) -> str:
-    c.n += 1
-    delta = c.text.add(token_id)
-    self._logprob_entry(c)
+  def _tokens(self, c: Choice, token_ids) -> str:
+    """The text of `token_ids`, up to a stop string (then `c.text.stopped`)."""
+    delta = ''
+    for t in token_ids:
+      c.n += 1
+      delta += c.text.add(t)
+      self._logprob_entry(c)
+      if c.text.stopped:
+        break
     return delta
 
   async def next(self) -> tuple[Choice, str, str | None]:
@@ -231,7 +236,7 @@ class Generation:
         if kind == 'finish':
           c.reason = 'stop' if c.text.stopped else str(value)
           return c, delta + c.text.flush(), c.reason
-        delta += self._token(c, int(value))
+        delta += self._tokens(c, value)
         if c.text.stopped:
           self.engine.cancel(c.req)
           c.reason = 'stop'

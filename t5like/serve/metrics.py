@@ -148,7 +148,7 @@ class ServerMetrics:
 
 
 class RequestTimer:
-  """Observes one generation's latencies; `token()` / `finish()` run on the engine thread."""
+  """Observes one generation's latencies; `add_tokens()` / `finish()` run on the engine thread."""
 
   def __init__(self, m: ServerMetrics, model: str, version: str):
     self.m, self.labels = m, (model, version)
@@ -156,12 +156,16 @@ class RequestTimer:
     self.last_token_at: float | None = None
     self.tokens = 0
 
-  def token(self) -> None:
+  def add_tokens(self, n: int) -> None:
+    """`n` tokens arrived together (one device call): the first after the gap since the last
+    token, the others with none."""
     now = time.monotonic()
     if self.last_token_at is not None:
       self._itl.observe(now - self.last_token_at)
+    for _ in range(n - 1):
+      self._itl.observe(0.0)
     self.last_token_at = now
-    self.tokens += 1
+    self.tokens += n
 
   def finish(self, request, reason: str, tokens: int | None = None) -> None:
     """Records a finished generation; `tokens` is how many it returned (default: all seen)."""

@@ -27,8 +27,9 @@ class Collector:
     self.done = threading.Event()
 
   def __call__(self, kind, value):
-    if kind == 'token':
-      self.tokens.append(value)
+    if kind == 'tokens':
+      assert value, 'an empty tokens event'
+      self.tokens.extend(value)
     else:
       self.reason = value
       self.done.set()
@@ -41,15 +42,20 @@ def request(prompt, max_tokens=KW['max_new_tokens'], **kw):
                  c, timeout_s=timeout), c
 
 
-@pytest.fixture(scope='module', params=['t5_tiny', 'decoder_tiny'])
+# (variant, decode steps per device call, overlap): blocks of 3 steps end mid-block at max_tokens
+# 5 and 8 and at stop tokens.
+@pytest.fixture(scope='module', params=[('t5_tiny', 1, True), ('t5_tiny', 3, False),
+                                        ('decoder_tiny', 1, False), ('decoder_tiny', 3, True)],
+                ids=lambda p: f'{p[0]}-steps{p[1]}-{"overlap" if p[2] else "serial"}')
 def model(request):
-  cfg = get_variant(request.param)
+  variant, steps, overlap = request.param
+  cfg = get_variant(variant)
   # Not init's weights: a fresh tiny T5 greedy-decodes one token for every prompt, which would
   # hide a slot mix-up or a wrong cross-attention row.
   params = random_params(cfg, seed=3, embed_std=0.3, std=0.2)
   firsts = {tuple(greedy_alone(params, cfg, p)[:4]) for p in PROMPTS}
   assert len(firsts) == len(PROMPTS), firsts
-  engine = Engine(params, cfg, name=request.param, **KW)
+  engine = Engine(params, cfg, name=variant, decode_steps=steps, overlap=overlap, **KW)
   engine.start()
   yield params, cfg, engine
   engine.close()
@@ -89,7 +95,9 @@ def test_concurrent_greedy_equals_greedy_alone(model):
 def test_a_burst_is_prefilled_in_batches_and_decodes_as_alone(model):
   params, cfg, _ = model
   params = jax.tree.map(lambda x: x + 0, params)   # its own copy: close() deletes it
-  engine = Engine(params, cfg, name='burst', **{**KW, 'num_slots': 6,
+  engine = Engine(params, cfg, name='burst', decode_steps=model[2].decode_steps,
+                  overlap=model[2].overlap,
+                  **{**KW, 'num_slots': 6,
                                                'prefill_batch_sizes': (1, 4, 16)})
   assert engine.prefill_sizes == (1, 4)
   prompts = [p for p in PROMPTS if len(p) <= 8][:5] + [PROMPTS[1]]   # 5 in bucket 8, 1 in 16
@@ -106,6 +114,38 @@ def test_a_burst_is_prefilled_in_batches_and_decodes_as_alone(model):
     assert (s['prefill_calls'], s['prefilled']) == (3, 6), s
   finally:
     engine.close()
+
+
+def test_blocks_of_steps_equal_single_steps(model):
+  """Seeded sampling, logprobs and stop tokens give the same results whatever the decode steps
+  per device call (each step's key depends on the row's position alone), with or without
+  overlap."""
+  params, cfg, engine = model
+  params = jax.tree.map(lambda x: x + 0, params)   # its own copy: close() deletes it
+  other = Engine(params, cfg, name='other', decode_steps=1 if engine.decode_steps > 1 else 2,
+                 overlap=not engine.overlap, **KW)
+  other.start()
+  try:
+    results = []
+    for e in (engine, other):
+      greedy = greedy_alone(params, cfg, PROMPTS[1])
+      reqs = [request(p, max_tokens=m, temperature=0.9, top_k=20, seed=i, logprobs=2)
+              for i, (p, m) in enumerate(zip(PROMPTS, [12, 7, 5, 12, 8, 11, 4]))]
+      # a stop id met mid-block: the greedy output's third token
+      reqs.append(request(PROMPTS[1], stop_token_ids=(greedy[2],), logprobs=1))
+      for r, _ in reqs:
+        e.submit(r)
+      for r, c in reqs:
+        assert c.done.wait(120), r.id
+      results.append([(c.tokens, c.reason, r.logprobs) for r, c in reqs])
+      assert results[-1][-1][:2] == (greedy[:2], 'stop')
+    for (toks, reason, lps), (toks1, reason1, lps1) in zip(*results):
+      assert (toks, reason) == (toks1, reason1)
+      np.testing.assert_allclose([x[0] for x in lps], [x[0] for x in lps1], atol=1e-5)
+      assert [x[1] for x in lps] == [x[1] for x in lps1]
+    assert len({tuple(t) for t, _, _ in results[0]}) > 4     # the outputs differ
+  finally:
+    other.close()
 
 
 def test_long_request_does_not_block_short_ones(model):

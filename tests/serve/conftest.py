@@ -113,8 +113,15 @@ def admin_live(base_path):
   yield from _serve(base_path)
 
 
-def _serve(base_path):
-  registry = ModelRegistry(str(base_path), engine_kwargs=ENGINE_KW, drain_timeout_s=5.0)
+@pytest.fixture(scope='module')
+def blocks_live(base_path):
+  """A server like `live` whose engines decode 3 steps per device call, one block at a time."""
+  yield from _serve(base_path, decode_steps=3, overlap=False)
+
+
+def _serve(base_path, **engine_kw):
+  registry = ModelRegistry(str(base_path), engine_kwargs={**ENGINE_KW, **engine_kw},
+                           drain_timeout_s=5.0)
   registry.reload()
   app = create_app(registry, admin_token=ADMIN_TOKEN, request_timeout_s=60.0,
                    max_body_bytes=MAX_BODY)

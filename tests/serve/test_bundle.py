@@ -59,7 +59,7 @@ def test_quantised_bundle_is_served(tmp_path, serve_tokenizer):
     assert mv.state == AVAILABLE and mv.info()['weight_quant'] == 'int8'
     done, tokens = threading.Event(), []
     def on_event(kind, value):
-      tokens.append(value) if kind == 'token' else done.set()
+      tokens.extend(value) if kind == 'tokens' else done.set()
     mv.engine.submit(Request([5, 6, 7, 1], SamplingParams(max_tokens=4, temperature=0), on_event))
     assert done.wait(120)
     assert len(tokens) <= 4 and mv.engine.stats()['running'] == 0

@@ -28,3 +28,13 @@ def test_http_and_loop_flags_reach_uvicorn(tmp_path, http, loop):
 def test_unknown_http_implementation_is_refused():
   with pytest.raises(ValueError, match=r'one of <auto\|h11\|httptools>'):
     flags.FLAGS['http'].parser.parse('h2')
+
+
+def test_engine_flags_reach_the_registry(tmp_path):
+  server, registry = serve_main.build_server(
+      _serve_flags(model_base_path=str(tmp_path), admin_token='t', decode_steps=8, overlap=False))
+  registry.close()
+  assert registry.engine_kwargs['decode_steps'] == 8
+  assert registry.engine_kwargs['overlap'] is False
+  with pytest.raises(ValueError, match='not a positive integer'):
+    flags.FLAGS['decode_steps'].parser.parse('0')

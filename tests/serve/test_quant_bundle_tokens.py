@@ -31,7 +31,7 @@ def served(mv, prompt):
   done, tokens = threading.Event(), []
 
   def on_event(kind, value):
-    tokens.append(value) if kind == 'token' else done.set()
+    tokens.extend(value) if kind == 'tokens' else done.set()
 
   mv.engine.submit(Request(list(prompt), SamplingParams(max_tokens=NEW, temperature=0),
                            on_event))
