@@ -499,8 +499,9 @@ class Engine:
     reqs = [r if b else None for r, b in zip(self._slots, budget)]
     with_logprobs = any(r is not None and r.params.logprobs is not None for r in reqs)
     # Copies: a host array may back the device buffer (CPU), and these change during the block.
+    tokens = self._tokens.copy()
     toks, self._cache, info = self._generate(
-        self.params, self._cache, self._tokens.copy(), self._tokens if prev is None else prev.last,
+        self.params, self._cache, tokens, tokens if prev is None else prev.last,
         self._fresh & (budget > 0), self._temp.copy(), self._top_k.copy(), self._top_p.copy(),
         self._keys.copy(), self._pos.copy(), budget, with_logprobs=with_logprobs)
     self._fresh &= budget == 0
