@@ -6,7 +6,9 @@ and caches the cross-attention K/V), those of one bucket together in batches of 
 `prefill_batch_sizes` (a burst of N requests costs a few prefill calls, not N), inserted into free
 rows, and then advance one token per `generate` step together with every other live row. One
 thread owns the device loop and admits new requests between steps, so a long generation never
-blocks short ones. All shapes (each bucket's prefill at each batch size, their inserts, generate)
+blocks short ones. The host never waits for a prefill before dispatching the next block: each
+row's next input token stays on the device (`_insert_prefilled` sets a new row's), and a
+prefill's first tokens are taken after that block is queued. All shapes (each bucket's prefill at each batch size, their inserts, generate)
 are compiled by `warmup()` before the engine reports ready.
 Prefill, steps and sampling are decode's (t5like/infer/backend.py, sampling.py); `backend`
 ('auto', 'xla', 'cpu_kernels') chooses how they run here.
@@ -123,18 +125,24 @@ def _prefill(params, tokens_NP, temp_N, top_k_N, top_p_N, keys_N2, *, cfg: Model
 _insert = jax.jit(_insert_rows, donate_argnums=(0,))
 
 
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _insert_prefilled(cache, last_R, rows_tree, toks_N, slots_N):
+  """`_insert_rows`, and each new row's first token set as its next step's input, on the device:
+  the host need not wait for a prefill before dispatching the block that continues it."""
+  return _insert_rows(cache, rows_tree, slots_N), last_R.at[slots_N].set(toks_N)
+
+
 @functools.partial(jax.jit, static_argnames=('cfg', 'backend', 'with_logprobs', 'steps'),
-                   donate_argnums=(1,))
-def _generate(params, cache, tokens_R, prev_R, fresh_R, temp_R, top_k_R, top_p_R, keys_R2, pos_R,
-              budget_R, *, cfg: ModelConfig, backend: backend_lib.XlaBackend,
-              with_logprobs: bool = False, steps: int = 1):
-  """`steps` tokens for every slot row, each step feeding the last one's tokens back: tokens
-  [steps, R] (and with `with_logprobs` each step's `logprob_info`, stacked the same way). A row
-  starts from `tokens_R` where `fresh_R` (just prefilled: its first token is on the host), else
-  from `prev_R` (the last token of the previous call, still on the device). A row
-  takes part in the first `budget_R` steps (0: idle); outside them its cache index stays and it
-  counts as greedy whatever its last request asked (which path the sampler takes depends on the
-  live rows only). Row r's step j draws with key fold_in(keys[r], pos[r] + j), so a block of
+                   donate_argnums=(1, 2))
+def _generate(params, cache, last_R, temp_R, top_k_R, top_p_R, keys_R2, pos_R, budget_R, *,
+              cfg: ModelConfig, backend: backend_lib.XlaBackend, with_logprobs: bool = False,
+              steps: int = 1):
+  """`steps` tokens for every slot row, each step feeding the last one's tokens back, starting from
+  `last_R` (each row's last token, kept on the device): tokens [steps, R], the cache, the new
+  `last_R` and (with `with_logprobs`) each step's `logprob_info` stacked the same way. A row takes
+  part in the first `budget_R` steps (0: idle); outside them its cache index and last token stay
+  and it counts as greedy whatever its last request asked (which path the sampler takes depends
+  on the live rows only). Row r's step j draws with key fold_in(keys[r], pos[r] + j), so a block of
   steps gives the same tokens as that many single steps."""
   def step(carry, j):
     cache, tokens_R = carry
@@ -143,14 +151,14 @@ def _generate(params, cache, tokens_R, prev_R, fresh_R, temp_R, top_k_R, top_p_R
     new_cache['index'] = jnp.where(live_R, new_cache['index'], cache['index'])
     keys = jax.vmap(jax.random.fold_in)(keys_R2, pos_R + j)
     toks = sampling.sample(logits_RV, keys, jnp.where(live_R, temp_R, 0.0), top_k_R, top_p_R)
-    return (new_cache, toks), (toks, logprob_info(logits_RV, toks) if with_logprobs else None)
+    return (new_cache, jnp.where(live_R, toks, tokens_R)), (
+        toks, logprob_info(logits_RV, toks) if with_logprobs else None)
 
-  tokens_R = jnp.where(fresh_R, tokens_R, prev_R)
   if steps == 1:   # no loop around a single step
-    (cache, _), (toks, info) = step((cache, tokens_R), 0)
-    return toks[None], cache, jax.tree.map(lambda x: x[None], info)
-  (cache, _), (toks, info) = jax.lax.scan(step, (cache, tokens_R), jnp.arange(steps))
-  return toks, cache, info
+    (cache, last_R), (toks, info) = step((cache, last_R), 0)
+    return toks[None], cache, last_R, jax.tree.map(lambda x: x[None], info)
+  (cache, last_R), (toks, info) = jax.lax.scan(step, (cache, last_R), jnp.arange(steps))
+  return toks, cache, last_R, info
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'backend'))
@@ -176,10 +184,18 @@ def _score(params, inputs_1S, tokens_1T, targets_1T, *, cfg: ModelConfig,
 class _Block:
   """A dispatched block of decode steps."""
   toks: jax.Array          # [steps, R]
-  last: jax.Array          # [R] its last step's tokens: the next block's input
   info: object             # logprob_info stacked [steps, R, ...], or None
   budget: np.ndarray       # [R] steps each row takes (0: idle)
   reqs: list               # each row's request when dispatched (None: idle)
+
+
+@dataclasses.dataclass
+class _Prefill:
+  """A dispatched prefill whose first tokens the host has not taken yet."""
+  toks: jax.Array          # [N]
+  info: object             # logprob_info [N, ...], or None
+  slots: list
+  reqs: list
 
 
 class Engine:
@@ -222,6 +238,7 @@ class Engine:
     self._thread: threading.Thread | None = None
     self.ready = False
     self._draining = False
+    self._admitting = False
     self.steps = 0
     self.prefill_calls = self.prefilled = 0   # prefill batches run, requests they held
     self.last_error: str | None = None
@@ -232,19 +249,19 @@ class Engine:
     self._cache = self.backend.decoding_cache(cache)
     self._cache_len = int(cache['self_v'].shape[3])
     R = num_slots
-    self._tokens = np.zeros((R,), np.int32)
+    self._last = jnp.zeros((R,), jnp.int32)   # each row's next input token, on the device
     self._temp = np.zeros((R,), np.float32)
     self._top_k = np.zeros((R,), np.int32)
     self._top_p = np.ones((R,), np.float32)
     self._keys = np.zeros((R, 2), np.uint32)
     self._pos = np.zeros((R,), np.int32)
-    self._fresh = np.zeros((R,), bool)     # prefilled, not yet in a block: input on the host
+    self._unseen = np.zeros((R,), np.int32)   # 1: prefilled, its first token not yet taken
     self._in_flight: _Block | None = None   # dispatched, its tokens not yet taken
     # Module-level jitted functions with static shapes: engines of the same config and sizes (two
     # versions of one model, a reloaded version) share their compiled executables.
     self._prefill = functools.partial(_prefill, cfg=cfg, max_prompt_len=self.max_prompt_len,
                                       max_new_tokens=max_new_tokens, backend=self.backend)
-    self._insert = _insert
+    self._insert = _insert_prefilled
     self._generate = functools.partial(_generate, cfg=cfg, backend=self.backend,
                                        steps=decode_steps)
 
@@ -326,19 +343,19 @@ class Engine:
     temp, top_k, top_p = self._sampling_arrays(SamplingParams(temperature=1.0))
     for b in self.buckets:
       for n in self.prefill_sizes:
-        rows, _, _ = self._prefill(self.params, np.ones((n, b), np.int32), np.full(n, temp),
-                                   np.full(n, top_k), np.full(n, top_p), np.zeros((n, 2), np.uint32))
-        self._cache = self._insert(self._cache, rows, np.arange(n, dtype=np.int32))
+        rows, toks, _ = self._prefill(self.params, np.ones((n, b), np.int32), np.full(n, temp),
+                                      np.full(n, top_k), np.full(n, top_p),
+                                      np.zeros((n, 2), np.uint32))
+        self._cache, self._last = self._insert(self._cache, self._last, rows, toks,
+                                               np.arange(n, dtype=np.int32))
     idle = np.zeros((self.num_slots,), np.int32)
     for with_logprobs in (False, True):   # the sampler's paths are branches of each program
-      prev = self._tokens
-      for _ in range(2):   # the previous tokens from the host, then from a block on the device
-        toks, self._cache, _ = self._generate(
-            self.params, self._cache, self._tokens, prev, self._fresh, self._temp, self._top_k,
-            self._top_p, self._keys, self._pos, idle, with_logprobs=with_logprobs)
-        prev = toks[-1]
+      toks, self._cache, self._last, _ = self._generate(
+          self.params, self._cache, self._last, self._temp, self._top_k, self._top_p, self._keys,
+          self._pos, idle, with_logprobs=with_logprobs)
       np.asarray(toks)
     self._cache = jax.tree.map(jnp.zeros_like, self._cache)
+    self._last = jnp.zeros_like(self._last)
     self._reset_sampling(slice(None))
     self.ready = True
 
@@ -379,10 +396,12 @@ class Engine:
       with self._lock:
         self._slots[slot] = None
       self._reset_sampling(slot)
+      self._unseen[slot] = 0
     self._emit(req, 'finish', reason)
 
-  def _admit(self, slots: Sequence[int], reqs: Sequence[Request], bucket: int) -> None:
-    """Prefills requests of one prompt bucket together into the free rows `slots`."""
+  def _admit(self, slots: Sequence[int], reqs: Sequence[Request], bucket: int) -> _Prefill:
+    """Prefills requests of one prompt bucket together into the free rows `slots`, without
+    waiting for the device: `_take_prefill` hands out their first tokens."""
     n = len(reqs)
     ids = np.zeros((n, bucket), np.int32)
     temp, top_k = np.zeros((n,), np.float32), np.zeros((n,), np.int32)
@@ -395,39 +414,52 @@ class Engine:
       req.started_at = now
     rows, toks, info = self._prefill(self.params, ids, temp, top_k, top_p, keys)
     self.prefill_calls, self.prefilled = self.prefill_calls + 1, self.prefilled + n
-    self._cache = self._insert(self._cache, rows, np.asarray(slots, np.int32))
-    toks = np.asarray(toks)
-    info = (jax.device_get(info) if any(r.params.logprobs is not None for r in reqs) else None)
+    self._cache, self._last = self._insert(self._cache, self._last, rows, toks,
+                                           np.asarray(slots, np.int32))
     for i, (slot, req) in enumerate(zip(slots, reqs)):
       with self._lock:
         self._slots[slot] = req
       self._temp[slot], self._top_k[slot], self._top_p[slot] = temp[i], top_k[i], top_p[i]
       self._keys[slot] = keys[i]
       self._pos[slot] = 1
-      self._fresh[slot] = True
-      self._accept(slot, req, [int(toks[i])],
+      self._unseen[slot] = 1
+    with_logprobs = any(r.params.logprobs is not None for r in reqs)
+    return _Prefill(toks, info if with_logprobs else None, list(slots), list(reqs))
+
+  def _take_prefill(self, p: _Prefill) -> None:
+    """Hands a prefill's first tokens to its requests (those still in their slot)."""
+    toks, info = np.asarray(p.toks).tolist(), jax.device_get(p.info)
+    for i, (slot, req) in enumerate(zip(p.slots, p.reqs)):
+      if self._slots[slot] is not req:   # cancelled or timed out meanwhile
+        continue
+      self._unseen[slot] = 0
+      self._accept(slot, req, toks[i:i + 1],
                    None if info is None else tuple(x[i:i + 1] for x in info))
 
-  def _admit_waiting(self) -> None:
+  def _admit_waiting(self) -> list[_Prefill]:
     """Moves waiting requests into the free slots, prefilling each bucket's in batches."""
     free = [s for s in range(self.num_slots) if self._slots[s] is None]
     with self._lock:
       taken = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
+      self._admitting = bool(taken)   # neither waiting nor in a slot: a drain waits for them
     by_bucket: dict[int, list[Request]] = {}
     for req in taken:
       by_bucket.setdefault(self.bucket_for(len(req.prompt_ids)), []).append(req)
+    started = []
     for bucket, reqs in by_bucket.items():
       while reqs:
         n = max(b for b in self.prefill_sizes if b <= len(reqs))
         batch, reqs = reqs[:n], reqs[n:]
         slots, free = free[:n], free[n:]
         try:
-          self._admit(slots, batch, bucket)
+          started.append(self._admit(slots, batch, bucket))
         except Exception as e:  # a failed prefill must not take the engine down
           self.last_error = repr(e)
           for slot, req in zip(slots, batch):
             if req.finish_reason is None:
               self._finish(slot if self._slots[slot] is req else None, req, f'error: {e}')
+    self._admitting = False
+    return started
 
   def _accept(self, slot: int, req: Request, toks: Sequence[int], info=None) -> None:
     """Records a row's tokens of one device call (and their logprobs when asked for) as one
@@ -452,7 +484,6 @@ class Engine:
     if out:
       req.output_ids.extend(out)
       self._emit(req, 'tokens', out)
-      self._tokens[slot] = out[-1]
     if reason is not None:
       self._finish(slot, req, reason)
 
@@ -490,7 +521,8 @@ class Engine:
     for slot, req in enumerate(self._slots):
       if req is None:
         continue
-      ahead = int(prev.budget[slot]) if prev is not None and prev.reqs[slot] is req else 0
+      ahead = int(self._unseen[slot]) + (
+          int(prev.budget[slot]) if prev is not None and prev.reqs[slot] is req else 0)
       # none past max_tokens
       budget[slot] = max(0, min(self.decode_steps,
                                 req.params.max_tokens - len(req.output_ids) - ahead))
@@ -499,15 +531,13 @@ class Engine:
     reqs = [r if b else None for r, b in zip(self._slots, budget)]
     with_logprobs = any(r is not None and r.params.logprobs is not None for r in reqs)
     # Copies: a host array may back the device buffer (CPU), and these change during the block.
-    tokens = self._tokens.copy()
-    toks, self._cache, info = self._generate(
-        self.params, self._cache, tokens, tokens if prev is None else prev.last,
-        self._fresh & (budget > 0), self._temp.copy(), self._top_k.copy(), self._top_p.copy(),
-        self._keys.copy(), self._pos.copy(), budget, with_logprobs=with_logprobs)
-    self._fresh &= budget == 0
+    toks, self._cache, self._last, info = self._generate(
+        self.params, self._cache, self._last, self._temp.copy(), self._top_k.copy(),
+        self._top_p.copy(), self._keys.copy(), self._pos.copy(), budget,
+        with_logprobs=with_logprobs)
     self._pos += budget
     self.steps += int(budget.max())
-    return _Block(toks, toks[-1], info, budget, reqs)
+    return _Block(toks, info, budget, reqs)
 
   def _take(self, block: '_Block') -> None:
     """Hands a finished block's tokens to their requests (those still in their slot)."""
@@ -525,20 +555,25 @@ class Engine:
     while not self._stop.is_set():
       try:
         self._reap()
-        self._admit_waiting()
-        block = self._dispatch()
+        prefills = self._admit_waiting()
+        block = self._dispatch()   # queued behind the prefills: the device never waits on the host
         if self.overlap:   # one block in flight while the host takes the previous one
           done, self._in_flight = self._in_flight, block
+          if done is not None:   # dispatched before the prefills: holds none of their rows
+            self._take(done)
         else:
           done = block
-        if done is not None:
-          self._take(done)
-        elif block is None:
+        for p in prefills:   # first tokens before any block that continues them
+          self._take_prefill(p)
+        if not self.overlap and block is not None:
+          self._take(block)
+        if done is None and block is None and not prefills:
           self._wake.wait(0.05)
           self._wake.clear()
       except Exception as e:  # keep serving; record what broke for /health and logs
         self.last_error = repr(e)
         self._in_flight = None
+        self._admitting = False
         for slot, req in enumerate(list(self._slots)):
           if req is not None:
             self._finish(slot, req, f'error: {e}')
@@ -550,7 +585,7 @@ class Engine:
     deadline = time.monotonic() + drain_timeout_s
     self._draining = True
     while (time.monotonic() < deadline and self.alive
-           and (any(r is not None for r in self._slots) or self._waiting)):
+           and (any(r is not None for r in self._slots) or self._waiting or self._admitting)):
       time.sleep(0.01)
     self._stop.set()
     self._wake.set()
