@@ -8,10 +8,12 @@
 the prompt, a small tokenizer trained on the bundled corpus) to a temporary base path and serves
 it. The server starts fresh, then:
 
-1. fresh vs after a burst: one greedy client (`--probe_requests` requests) on the fresh server,
-   then twice a burst of sampled traffic (16 clients) followed by the same greedy probe; the TPOT
-   ratio is the mean of the after-burst probes' p50 TPOT over the fresh one's (1.0: idle slots
-   that last held sampled requests cost nothing; the ratio of means is reported too).
+1. fresh vs after a burst: one greedy client (`--probe_requests` requests) on the fresh server
+   (after the same probe once unmeasured: a process's first requests pay one-off costs, and greedy
+   requests leave no slot sampling), then twice a burst of sampled traffic (16 clients) followed
+   by the same greedy probe; the TPOT ratio is the mean of the after-burst probes' p50 TPOT over
+   the fresh one's (1.0: idle slots that last held sampled requests cost nothing; the ratio of
+   means is reported too).
 2. `--rounds` rounds, each going through every concurrency (1, 4, 16, 32) with a greedy and a
    sampled (`--temperature`) level, alternating: each level is `--num_requests` streaming
    completions with that many in flight, and every level sends the same prompts (random ids of
@@ -27,7 +29,7 @@ mean, p50 and p99 in milliseconds, and failures, over all rounds (tokens and dur
 Counts are cross-checked against the deltas of the server's /metrics. The 16-vs-1 speedup is the
 median over rounds of that round's ratio. `ok`: no request failed, every cross-check holds, 16
 clients reach at least 8x the output tokens/s of 1 client (greedy and sampled), and the
-fresh-vs-after-burst TPOT ratio is within 1.2.
+fresh-vs-after-burst TPOT ratio is within 20% of 1 (either way).
 """
 from __future__ import annotations
 
@@ -372,9 +374,10 @@ def main(argv=None) -> dict:
   p.add_argument('--model', default='', help='model name (default: the variant)')
   p.add_argument('--concurrency', default='1,4,16,32')
   p.add_argument('--rounds', type=int, default=3, help='passes over every level, alternating')
-  p.add_argument('--num_requests', type=int, default=256,
-                 help='per level (a level of 16 clients then lasts a few seconds, not a fraction of one)')
-  p.add_argument('--probe_requests', type=int, default=16, help='greedy 1-client TPOT probes')
+  p.add_argument('--num_requests', type=int, default=1024,
+                 help='per level: a level of 16 clients then lasts seconds, and its tail (the last '
+                      'requests, run by fewer clients) weighs little')
+  p.add_argument('--probe_requests', type=int, default=32, help='greedy 1-client TPOT probes')
   p.add_argument('--temperature', type=float, default=0.8, help='of the sampled levels')
   p.add_argument('--max_tokens', type=int, default=64)
   p.add_argument('--prompt_len', type=int, default=16)
@@ -411,6 +414,7 @@ def main(argv=None) -> dict:
   probe = greedy[:args.probe_requests]
   try:
     # 1. Greedy TPOT on the fresh server, then after bursts of sampled traffic.
+    measure(url, model, probe, 1, args.max_seconds)
     fresh = summarize([measure(url, model, probe, 1, args.max_seconds)])
     after = []
     for _ in range(2):
@@ -464,7 +468,7 @@ def main(argv=None) -> dict:
       'sampled_vs_greedy_tokens_per_s': sampled_vs_greedy,
       'ok': bool(all(l['failed'] == 0 and l['metrics_check']['match'] for l in all_levels)
              and all(v is None or v >= 8.0 for v in speedup.values())
-             and ratio is not None and ratio <= 1.2)}
+             and ratio is not None and 1 / 1.2 <= ratio <= 1.2)}
   text = json.dumps(report, indent=2)
   print(text)
   if args.out:

@@ -44,7 +44,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -52,6 +52,7 @@ from t5like.infer import engine as engine_lib
 from t5like.serve import registry as registry_lib
 from t5like.serve import schemas
 from t5like.serve.chat import ChatTemplateError
+from t5like.serve.event_stream import DONE, EventStream
 from t5like.serve.generation import Generation, TokenLogprob
 from t5like.serve.metrics import OTHER_MODEL, ServerMetrics
 from t5like.serve.middleware import BodyLimit, GuardedRoute, ResponseCounting, error_response
@@ -338,25 +339,28 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
             if c.echo:
               yield _sse({**meta, 'object': 'text_completion',
                           'choices': [choice_body(c, c.echo, None, c.echo_logprobs)]})
-          while gen.remaining:
-            c, delta, reason = await gen.next()
-            if reason is not None and reason.startswith('error'):
-              yield sse_error(reason)
-              continue
-            # with token ids asked for, every token is streamed, even one whose text is empty yet
-            if (delta or reason is not None or (req.logprobs is not None and c.logprobs)
-                or (req.return_token_ids and c.has_new_ids)):
-              yield _sse({**meta, 'object': 'text_completion',
-                          'choices': [choice_body(c, delta, reason, c.new_logprobs())]})
-          if req.stream_options and req.stream_options.include_usage:
-            yield _sse({**meta, 'object': 'text_completion', 'choices': [], 'usage': gen.usage()})
-          yield 'data: [DONE]\n\n'
+          while True:
+            out = ''
+            if gen.remaining:
+              c, delta, reason = await gen.next()
+              if reason is not None and reason.startswith('error'):
+                out = sse_error(reason)
+              # with token ids asked for, every token is streamed, even one whose text is empty
+              elif (delta or reason is not None or (req.logprobs is not None and c.logprobs)
+                    or (req.return_token_ids and c.has_new_ids)):
+                out = _sse({**meta, 'object': 'text_completion',
+                            'choices': [choice_body(c, delta, reason, c.new_logprobs())]})
+            if not gen.remaining:   # the last event: the usage and DONE share its write
+              yield out + stream_end(req, gen, {**meta, 'object': 'text_completion'})
+              return
+            if out:
+              yield out
         finally:   # also when the client went away (the generator is closed)
           watcher.cancel()
           gen.cancel()
           gen.record()
-      return StreamingResponse(sse(), media_type='text/event-stream', headers=headers(request, {
-          'Cache-Control': 'no-cache', 'X-Accel-Buffering': 'no'}))
+      return EventStream(sse(), headers(request, {'Cache-Control': 'no-cache',
+                                                  'X-Accel-Buffering': 'no'}))
     await gen.run(request.receive)
     finish_errors(gen, timeout)
     choices = [choice_body(c, c.echo + c.text.text[:c.text.sent], c.reason)
@@ -420,26 +424,29 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
             yield _sse({**chunk, 'choices': [{'index': c.index, 'delta': {'role': 'assistant',
                                                                           'content': ''},
                                               'logprobs': None, 'finish_reason': None}]})
-          while gen.remaining:
-            c, delta, reason = await gen.next()
-            if reason is not None and reason.startswith('error'):
-              yield sse_error(reason)
-              continue
-            new = c.new_logprobs() if req.logprobs else []
-            if delta or reason is not None or new or (req.return_token_ids and c.has_new_ids):
-              yield _sse({**chunk, 'choices': [{
-                  'index': c.index, 'delta': {'content': delta} if delta else {},
-                  'logprobs': chat_logprobs(new) if req.logprobs else None,
-                  'finish_reason': reason, **extras(c, True)}]})
-          if req.stream_options and req.stream_options.include_usage:
-            yield _sse({**chunk, 'choices': [], 'usage': gen.usage()})
-          yield 'data: [DONE]\n\n'
+          while True:
+            out = ''
+            if gen.remaining:
+              c, delta, reason = await gen.next()
+              if reason is not None and reason.startswith('error'):
+                out = sse_error(reason)
+              elif ((new := c.new_logprobs() if req.logprobs else []) or delta
+                    or reason is not None or (req.return_token_ids and c.has_new_ids)):
+                out = _sse({**chunk, 'choices': [{
+                    'index': c.index, 'delta': {'content': delta} if delta else {},
+                    'logprobs': chat_logprobs(new) if req.logprobs else None,
+                    'finish_reason': reason, **extras(c, True)}]})
+            if not gen.remaining:   # the last event: the usage and DONE share its write
+              yield out + stream_end(req, gen, chunk)
+              return
+            if out:
+              yield out
         finally:
           watcher.cancel()
           gen.cancel()
           gen.record()
-      return StreamingResponse(sse(), media_type='text/event-stream', headers=headers(request, {
-          'Cache-Control': 'no-cache', 'X-Accel-Buffering': 'no'}))
+      return EventStream(sse(), headers(request, {'Cache-Control': 'no-cache',
+                                                  'X-Accel-Buffering': 'no'}))
     await gen.run(request.receive)
     finish_errors(gen, timeout)
     choices = [{'index': c.index,
@@ -654,6 +661,13 @@ def _replace(sp: engine_lib.SamplingParams, **kw) -> engine_lib.SamplingParams:
 
 def _sse(body: dict) -> str:
   return f'data: {json.dumps(body)}\n\n'
+
+
+def stream_end(req, gen: Generation, chunk: dict) -> str:
+  """What ends a stream: the usage chunk when the request asked for it, then DONE."""
+  usage = (_sse({**chunk, 'choices': [], 'usage': gen.usage()})
+           if req.stream_options and req.stream_options.include_usage else '')
+  return usage + DONE
 
 
 def _prompt_logprobs(mv, ids: list[int], top: int):
