@@ -92,6 +92,25 @@ def test_concurrent_greedy_equals_greedy_alone(model):
   assert s['running'] == 0 and s['waiting'] == 0 and s['slots_in_use'] == 0
 
 
+def test_a_first_token_that_stops_frees_its_slot(model):
+  """The first token comes from the prefill, taken after the next block is already dispatched:
+  a request that stops on it ends with no tokens, its row's extra steps are dropped, and its slot
+  serves the next request as if fresh."""
+  params, cfg, engine = model
+  first = greedy_alone(params, cfg, PROMPTS[0])[0]
+  others = [request(p) for p in PROMPTS[1:3]]
+  stopped, c_stop = request(PROMPTS[0], stop_token_ids=(first,))
+  after = [request(p) for p in (PROMPTS[0], PROMPTS[3])]
+  for r, _ in [others[0], (stopped, c_stop), others[1], *after]:
+    engine.submit(r)
+  for r, c in [*others, (stopped, c_stop), *after]:
+    assert c.done.wait(120), r.id
+  assert (c_stop.tokens, c_stop.reason, stopped.output_ids) == ([], 'stop', [])
+  for (r, c), prompt in zip([*others, *after], [*PROMPTS[1:3], PROMPTS[0], PROMPTS[3]]):
+    assert c.tokens == greedy_alone(params, cfg, prompt), prompt
+  assert engine.stats()['slots_in_use'] == 0
+
+
 def test_a_burst_is_prefilled_in_batches_and_decodes_as_alone(model):
   params, cfg, _ = model
   params = jax.tree.map(lambda x: x + 0, params)   # its own copy: close() deletes it
