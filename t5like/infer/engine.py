@@ -602,7 +602,7 @@ class Engine:
     """Shuts down and frees device memory held by params and cache."""
     if self.alive:
       self.shutdown(drain_timeout_s=0)
-    for x in jax.tree.leaves((self.params, self._cache)):
+    for x in jax.tree.leaves((self.params, self._cache, self._last)):
       if isinstance(x, jax.Array) and not x.is_deleted():
         x.delete()
-    self.params = self._cache = None
+    self.params = self._cache = self._last = None

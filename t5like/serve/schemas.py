@@ -12,8 +12,9 @@ shape) through `ApiError` and `error_response`.
 """
 from __future__ import annotations
 
+import functools
 import json
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -253,9 +254,21 @@ def validate(model_cls: type[BaseModel], data: Any, *, strict_fields: bool = Fal
   return req, unknown
 
 
+def _holds_model(annotation) -> bool:
+  if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+    return True
+  return any(_holds_model(a) for a in get_args(annotation))
+
+
+@functools.cache
+def _model_fields(cls: type[BaseModel]) -> tuple[str, ...]:
+  """Fields whose type can hold a nested model: the others (a prompt of token ids) need no walk."""
+  return tuple(n for n, f in cls.model_fields.items() if _holds_model(f.annotation))
+
+
 def _unknown(req: BaseModel, prefix: str = '') -> list[str]:
   out = [f'{prefix}{k}' for k in (req.model_extra or {})]
-  for name in type(req).model_fields:
+  for name in _model_fields(type(req)):
     v = getattr(req, name)
     items = v if isinstance(v, list) else [v]
     for x in items:
