@@ -256,6 +256,34 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
     err = ApiError(500, public(f'generation failed: {reason}'))
     return f'data: {json.dumps(err.body())}\n\n'
 
+  def event_stream(request: Request, req, gen: Generation, chunk: dict, opening: list[str],
+                   render) -> EventStream:
+    """The SSE answer of a streaming request: `opening`, then `render(choice, delta, reason)` of
+    each event ('' sends nothing), the usage and DONE sharing the last event's write. However the
+    stream ends (a client gone too), its engine requests are cancelled and recorded."""
+    async def events():
+      watcher = asyncio.ensure_future(gen.watch(request.receive))
+      try:
+        for text in opening:
+          yield text
+        while True:
+          out = ''
+          if gen.remaining:
+            c, delta, reason = await gen.next()
+            out = (sse_error(reason) if reason is not None and reason.startswith('error')
+                   else render(c, delta, reason))
+          if not gen.remaining:
+            yield out + stream_end(req, gen, chunk)
+            return
+          if out:
+            yield out
+      finally:
+        watcher.cancel()
+        gen.cancel()
+        gen.record()
+    return EventStream(events(), headers(request, {'Cache-Control': 'no-cache',
+                                                   'X-Accel-Buffering': 'no'}))
+
   # ---- completions -------------------------------------------------------------------------------
   def completion_logprobs(entries) -> dict:
     tokens, lps, tops, offsets, pos = [], [], [], [], 0
@@ -332,35 +360,17 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
       return body
 
     if req.stream:
-      async def sse():
-        watcher = asyncio.ensure_future(gen.watch(request.receive))
-        try:
-          for c in gen.choices:
-            if c.echo:
-              yield _sse({**meta, 'object': 'text_completion',
-                          'choices': [choice_body(c, c.echo, None, c.echo_logprobs)]})
-          while True:
-            out = ''
-            if gen.remaining:
-              c, delta, reason = await gen.next()
-              if reason is not None and reason.startswith('error'):
-                out = sse_error(reason)
-              # with token ids asked for, every token is streamed, even one whose text is empty
-              elif (delta or reason is not None or (req.logprobs is not None and c.logprobs)
-                    or (req.return_token_ids and c.has_new_ids)):
-                out = _sse({**meta, 'object': 'text_completion',
-                            'choices': [choice_body(c, delta, reason, c.new_logprobs())]})
-            if not gen.remaining:   # the last event: the usage and DONE share its write
-              yield out + stream_end(req, gen, {**meta, 'object': 'text_completion'})
-              return
-            if out:
-              yield out
-        finally:   # also when the client went away (the generator is closed)
-          watcher.cancel()
-          gen.cancel()
-          gen.record()
-      return EventStream(sse(), headers(request, {'Cache-Control': 'no-cache',
-                                                  'X-Accel-Buffering': 'no'}))
+      chunk = {**meta, 'object': 'text_completion'}
+
+      def render(c, delta, reason) -> str:
+        # with token ids asked for, every token is streamed, even one whose text is empty yet
+        if (delta or reason is not None or (req.logprobs is not None and c.logprobs)
+            or (req.return_token_ids and c.has_new_ids)):
+          return _sse({**chunk, 'choices': [choice_body(c, delta, reason, c.new_logprobs())]})
+        return ''
+      return event_stream(request, req, gen, chunk, [
+          _sse({**chunk, 'choices': [choice_body(c, c.echo, None, c.echo_logprobs)]})
+          for c in gen.choices if c.echo], render)
     await gen.run(request.receive)
     finish_errors(gen, timeout)
     choices = [choice_body(c, c.echo + c.text.text[:c.text.sent], c.reason)
@@ -416,37 +426,21 @@ def create_app(registry: registry_lib.ModelRegistry, *, admin_token: str = '',
       return out
 
     if req.stream:
-      async def sse():
-        watcher = asyncio.ensure_future(gen.watch(request.receive))
-        chunk = {**meta, 'object': 'chat.completion.chunk'}
-        try:
-          for c in gen.choices:
-            yield _sse({**chunk, 'choices': [{'index': c.index, 'delta': {'role': 'assistant',
-                                                                          'content': ''},
-                                              'logprobs': None, 'finish_reason': None}]})
-          while True:
-            out = ''
-            if gen.remaining:
-              c, delta, reason = await gen.next()
-              if reason is not None and reason.startswith('error'):
-                out = sse_error(reason)
-              elif ((new := c.new_logprobs() if req.logprobs else []) or delta
-                    or reason is not None or (req.return_token_ids and c.has_new_ids)):
-                out = _sse({**chunk, 'choices': [{
-                    'index': c.index, 'delta': {'content': delta} if delta else {},
-                    'logprobs': chat_logprobs(new) if req.logprobs else None,
-                    'finish_reason': reason, **extras(c, True)}]})
-            if not gen.remaining:   # the last event: the usage and DONE share its write
-              yield out + stream_end(req, gen, chunk)
-              return
-            if out:
-              yield out
-        finally:
-          watcher.cancel()
-          gen.cancel()
-          gen.record()
-      return EventStream(sse(), headers(request, {'Cache-Control': 'no-cache',
-                                                  'X-Accel-Buffering': 'no'}))
+      chunk = {**meta, 'object': 'chat.completion.chunk'}
+
+      def render(c, delta, reason) -> str:
+        new = c.new_logprobs() if req.logprobs else []
+        if delta or reason is not None or new or (req.return_token_ids and c.has_new_ids):
+          return _sse({**chunk, 'choices': [{
+              'index': c.index, 'delta': {'content': delta} if delta else {},
+              'logprobs': chat_logprobs(new) if req.logprobs else None,
+              'finish_reason': reason, **extras(c, True)}]})
+        return ''
+      return event_stream(request, req, gen, chunk, [
+          _sse({**chunk, 'choices': [{'index': c.index, 'delta': {'role': 'assistant',
+                                                                  'content': ''},
+                                      'logprobs': None, 'finish_reason': None}]})
+          for c in gen.choices], render)
     await gen.run(request.receive)
     finish_errors(gen, timeout)
     choices = [{'index': c.index,
